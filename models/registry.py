@@ -1,0 +1,82 @@
+"""Named model configs, timm-style: each family file registers builders; `build` is the one entry point.
+
+A model declares the tensor layout it consumes so the data pipeline can be configured from the model:
+  "BTCHW"  frames as a sequence (2D CNNs with temporal modules, ViTs),
+  "BCTHW"  channels-first clips (3D CNNs),
+  "super"  one super image per clip, (B, C, rows*H, cols*W) (SIFAR).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+LAYOUTS = ("BTCHW", "BCTHW", "super")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    layout: str
+    builder: Callable[..., nn.Module]
+    defaults: dict = field(default_factory=dict)
+    # The paper's own figures for this config, e.g. {"gflops": 138, "params_m": 87, "frames": 8,
+    # "img_size": 224, "source": "SIFAR Table 2"}; `models.describe` prints ours beside them.
+    paper: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, *, family: str, layout: str, paper: dict | None = None, **defaults):
+    """Register `builder(num_classes, num_frames, img_size, pretrained, **options)` under `name`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"model {name!r}: layout must be one of {LAYOUTS}, got {layout!r}")
+
+    def decorator(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelSpec(name, family, layout, builder, dict(defaults), dict(paper or {}))
+        return builder
+
+    return decorator
+
+
+def get_spec(name: str) -> ModelSpec:
+    _load_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; `models.list_models()` lists the {len(_REGISTRY)} known ones") from None
+
+
+def list_models(family: str | None = None) -> list[str]:
+    _load_families()
+    return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
+
+
+def build(name: str, num_classes: int, num_frames: int = 8, img_size: int = 224,
+          pretrained: str | None = None, **options) -> nn.Module:
+    """Build a registered model; `pretrained` is a local checkpoint path (never a hub download)."""
+    spec = get_spec(name)
+    kwargs = {**spec.defaults, **options}
+    model = spec.builder(num_classes=num_classes, num_frames=num_frames, img_size=img_size,
+                         pretrained=pretrained, **kwargs)
+    model.layout = getattr(model, "layout", spec.layout)
+    model.num_frames = num_frames
+    model.model_name = name
+    return model
+
+
+def _load_families() -> None:
+    # Importing a family file registers its configs; imported lazily so `models.registry` stays cheap.
+    import importlib
+    import pkgutil
+
+    import models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        if info.name not in {"registry", "describe", "layers"} and not info.name.startswith("_"):
+            importlib.import_module(f"models.{info.name}")
