@@ -57,10 +57,16 @@ def list_models(family: str | None = None) -> list[str]:
     return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
 
 
-def build(name: str, num_classes: int, num_frames: int = 8, img_size: int = 224,
+def build(name: str, num_classes: int, num_frames: int | None = None, img_size: int | None = None,
           pretrained: str | None = None, **options) -> nn.Module:
-    """Build a registered model; `pretrained` is a local checkpoint path (never a hub download)."""
+    """Build a registered model; `pretrained` is a local checkpoint path (never a hub download).
+
+    Frames and image size default to the config's own (its paper figures), else 8 x 224, so that
+    `build("sifar_base_12_8x192", 400)` is the 192-pixel model its name promises.
+    """
     spec = get_spec(name)
+    num_frames = num_frames or spec.paper.get("frames", 8)
+    img_size = img_size or spec.paper.get("img_size", 224)
     kwargs = {**spec.defaults, **options}
     model = spec.builder(num_classes=num_classes, num_frames=num_frames, img_size=img_size,
                          pretrained=pretrained, **kwargs)

@@ -1,0 +1,195 @@
+"""The unified 2D/3D CNN framework: every registered net trains on a tiny clip, and its architecture matches
+the paper's (and the reference code's) parameter and FLOP counts."""
+import pytest
+import torch
+
+from models.describe import count
+from models.inception_video import VideoInception
+from models.registry import build, get_spec, list_models
+from models.resnet_video import VideoResNet
+from models.temporal import NonLocal, TemporalAggregation, TemporalShift
+
+CNN_MODELS = list_models(family="cnn")
+TINY = dict(width_mult=0.125)
+
+
+def clip(layout, b=2, t=4, size=32):
+    x = torch.randn(b, t, 3, size, size)
+    return x if layout == "BTCHW" else x.transpose(1, 2).contiguous()
+
+
+def test_the_framework_registers_every_method_on_both_backbones():
+    for method in ("tsn", "tsm", "tam", "i3d", "r3d", "s3d", "r2plus1d"):
+        assert {f"{method}_r{d}" for d in (18, 34, 50, 101)} <= set(CNN_MODELS)
+    assert {"tsn_inception", "tsm_inception", "tam_inception", "i3d_inception", "s3d_inception",
+            "i3d_r50_nl"} <= set(CNN_MODELS)
+
+
+@pytest.mark.parametrize("name", CNN_MODELS)
+def test_every_model_trains_on_a_tiny_clip_in_its_layout(name):
+    torch.manual_seed(0)
+    model = build(name, num_classes=5, num_frames=4, img_size=32, **TINY)
+    assert model.layout == get_spec(name).layout == ("BCTHW" if name.split("_")[0] in
+                                                     ("i3d", "r3d", "s3d", "r2plus1d") else "BTCHW")
+    logits = model(clip(model.layout, t=2))
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["tsm_r18", "tam_r18", "i3d_r18", "s3d_r18", "r2plus1d_r18", "tam_inception",
+                                  "s3d_inception"])
+def test_temporal_pooling_variants_train_too(name):
+    model = build(name, num_classes=3, num_frames=8, temporal_pool=True, **TINY)
+    model(clip(model.layout, t=8)).sum().backward()
+
+
+def test_a_clip_in_the_wrong_layout_is_refused_with_the_fix():
+    model = build("tsm_r18", num_classes=3, **TINY)
+    with pytest.raises(ValueError, match=r"BTCHW.*rearrange"):
+        model(clip("BCTHW"))
+
+
+def _frames_at(model, names, x, entering=False):
+    """Clip length at the input (or output) of the named submodules during one forward pass."""
+    seen, time_dim = {}, 1 if model.layout == "BTCHW" else 2
+
+    def record(name):
+        if entering:
+            return lambda m, args: seen.__setitem__(name, args[0].shape[time_dim])
+        return lambda m, args, out: seen.__setitem__(name, out.shape[time_dim])
+
+    register = "register_forward_pre_hook" if entering else "register_forward_hook"
+    hooks = [getattr(getattr(model, n), register)(record(n)) for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return [seen[n] for n in names]
+
+
+@pytest.mark.parametrize("name", ["tsn_r18", "tam_r18", "i3d_r18", "s3d_r18"])
+def test_temporal_pooling_halves_time_in_stages_2_3_and_4(name):
+    # 2D nets max-pool time after stages 1-3, 3D nets stride time in the first block of stages 2-4:
+    # either way each of stages 2-4 works on half the frames of the one before.
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    pooled = build(name, num_classes=3, temporal_pool=True, **TINY).eval()
+    assert _frames_at(pooled, stages, clip(pooled.layout, t=8)) == [8, 4, 2, 1]
+    full = build(name, num_classes=3, **TINY).eval()
+    assert _frames_at(full, stages, clip(full.layout, t=8)) == [8, 8, 8, 8]
+
+
+@pytest.mark.parametrize("name", ["tsn_inception", "i3d_inception"])
+def test_inception_pools_time_where_it_pools_space(name):
+    model = build(name, num_classes=3, temporal_pool=True, **TINY).eval()
+    got = _frames_at(model, ["conv3", "inception3a", "inception4a", "inception5a"], clip(model.layout, t=8),
+                     entering=True)
+    assert got == [8, 4, 2, 1]
+
+
+def test_tsn_logits_are_the_mean_of_independent_frame_logits():
+    torch.manual_seed(0)
+    model = build("tsn_r18", num_classes=4, **TINY).eval()
+    x = clip("BTCHW", t=5)
+    per_frame = torch.stack([model(x[:, i:i + 1]) for i in range(5)], 0).mean(0)
+    assert torch.allclose(model(x), per_frame, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,mixes_time", [("tsn_r18", False), ("tsm_r18", True), ("tam_r18", True),
+                                             ("i3d_r18", True), ("s3d_r18", True), ("tsm_inception", True)])
+def test_only_temporal_models_let_one_frame_see_its_neighbour(name, mixes_time):
+    torch.manual_seed(0)
+    model = build(name, num_classes=4, **TINY).eval()
+    x = clip(model.layout, b=1, t=4)
+    x2 = x.clone()
+    if model.layout == "BTCHW":
+        x2[:, 0] += 1.0
+        frame1 = lambda f: f[:, 1]  # noqa: E731
+    else:
+        x2[:, :, 0] += 1.0
+        frame1 = lambda f: f[:, :, 1]  # noqa: E731
+    with torch.no_grad():
+        change = (frame1(model.forward_features(x2)) - frame1(model.forward_features(x))).abs().max()
+    assert (change > 1e-6) == mixes_time
+
+
+@pytest.mark.parametrize("placement,expected", [("all", 16), ("bottom", 3 + 4), ("top", 6 + 3), ("every_other", 8)])
+def test_tam_placement_selects_residual_blocks(placement, expected):
+    with torch.device("meta"):
+        model = build("tam_r50", num_classes=3, tam_placement=placement)
+    tams = [n for n, m in model.named_modules() if isinstance(m, TemporalAggregation)]
+    assert len(tams) == expected
+    if placement == "bottom":
+        assert all(n.startswith(("layer1.", "layer2.")) for n in tams)
+    if placement == "every_other":
+        assert tams[:3] == ["layer1.0.temporal", "layer1.2.temporal", "layer2.1.temporal"]
+
+
+def test_tsm_sits_in_the_residual_branch_of_every_block():
+    with torch.device("meta"):
+        model = build("tsm_r50", num_classes=3)
+    shifts = [n for n, m in model.named_modules() if isinstance(m, TemporalShift)]
+    assert len(shifts) == 16 and all(n.endswith(".temporal") for n in shifts)
+
+
+def test_non_local_blocks_follow_every_other_block_of_stages_2_and_3():
+    with torch.device("meta"):
+        model = build("i3d_r50_nl", num_classes=3)
+    nls = [n for n, m in model.named_modules() if isinstance(m, NonLocal)]
+    assert nls == ["layer2.0.nl", "layer2.2.nl", "layer3.0.nl", "layer3.2.nl", "layer3.4.nl"]
+
+
+def test_3d_variants_replace_each_3x3_conv_as_the_paper_describes():
+    with torch.device("meta"):
+        i3d, s3d, r21d = (build(n, num_classes=3) for n in ("i3d_r50", "s3d_r50", "r2plus1d_r50"))
+    assert tuple(i3d.conv1.weight.shape[2:]) == (3, 7, 7)
+    assert tuple(i3d.layer3[0].conv2.weight.shape) == (256, 256, 3, 3, 3)
+    assert tuple(i3d.layer3[0].conv1.weight.shape) == (256, 512, 1, 1, 1)
+    assert tuple(s3d.layer3[0].conv2.weight.shape) == (256, 256, 1, 3, 3)
+    assert tuple(s3d.layer3[0].conv2_t.weight.shape) == (256, 256, 3, 1, 1)
+    assert tuple(r21d.layer3[0].conv2.weight.shape) == (576, 256, 1, 3, 3)  # floor(27*256/12)
+    assert r21d.layer3[0].conv2_t.weight.shape[1] == 576
+
+
+@pytest.mark.parametrize("name", [n for n in CNN_MODELS if get_spec(n).paper])
+def test_parameters_and_flops_are_within_5_percent_of_the_paper(name):
+    paper = get_spec(name).paper
+    params, gflops = count(name, paper["frames"], paper["img_size"])
+    assert abs(gflops - paper["gflops"]) / paper["gflops"] < 0.05, (name, gflops, paper)
+    assert abs(params - paper["params_m"]) / paper["params_m"] < 0.05, (name, params, paper)
+
+
+# IBM/action-recognition-pytorch, benchmark_full.md (Kinetics-400, 16 frames x 224): the reference code's own
+# counts, including its temporal-pooling ("-tp") 3D nets, so they pin where time is pooled.
+REFERENCE_COUNTS = [
+    ("tsn_r50", {}, 65.394, 24.328), ("tam_r50", {}, 65.664, 24.367),
+    ("i3d_r50", {"temporal_pool": True}, 58.920, 46.981), ("s3d_r50", {"temporal_pool": True}, 39.344, 28.126),
+    ("tsn_inception", {}, 23.958, 6.010), ("tam_inception", {}, 24.094, 6.027),
+    ("i3d_inception", {"temporal_pool": True}, 42.823, 12.697),
+    ("s3d_inception", {"temporal_pool": True}, 24.529, 8.313),
+]
+
+
+@pytest.mark.parametrize("name,options,gflops,params_m", REFERENCE_COUNTS)
+def test_counts_match_the_reference_implementation(name, options, gflops, params_m):
+    ours_params, ours_gflops = count(name, 16, 224, **options)
+    assert abs(ours_gflops - gflops) / gflops < 0.01, (ours_gflops, gflops)
+    assert abs(ours_params - params_m) / params_m < 0.01, (ours_params, params_m)
+
+
+def test_r2plus1d_has_the_parameters_of_i3d_and_s3d_fewer():
+    i3d, _ = count("i3d_r50", 8, 112)
+    r21d, _ = count("r2plus1d_r50", 8, 112)
+    s3d, _ = count("s3d_r50", 8, 112)
+    assert abs(r21d - i3d) / i3d < 0.01 and s3d < 0.7 * i3d
+
+
+def test_bad_options_name_the_allowed_values():
+    with pytest.raises(ValueError, match="every_other"):
+        VideoResNet(depth=18, temporal="tam", tam_placement="middle")
+    with pytest.raises(ValueError, match="r2plus1d"):
+        VideoResNet(depth=18, temporal="c3d")
+    with pytest.raises(ValueError, match="101"):
+        VideoResNet(depth=152)
+    with pytest.raises(ValueError, match="s3d"):
+        VideoInception(temporal="r2plus1d")
