@@ -1,0 +1,409 @@
+"""`VideoLoader`: shards in, batches of torch tensors on the training device out, for any PyTorch loop.
+
+    loader = VideoLoader("s3://bucket/k400-shards", split="train", batch_size=32, num_frames=8,
+                         layout="super", device="gpu", rank=rank, world_size=world_size, seed=0)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:            # len(loader) batches, the same number on every rank
+            loss = criterion(model(batch["video"]), batch["label"])
+
+Three stages run concurrently, in threads (the heavy work releases the GIL: storage I/O, DALI):
+  feeder   plans the epoch from the index, reads the bytes (`source.ShardReader`'s thread pool), shuffles,
+           draws every view's frames, crop window and flip (`sampling`), cuts each video down to the GOPs
+           those frames need (`gops`), and groups views into batches;
+  drivers  one per DALI pipeline: feed a batch, run it, hand the output to torch without a copy. Batch k
+           goes to pipeline k % num_pipelines; on the GPU several pipelines keep several NVDEC engines
+           busy (one decoder instance feeds one engine);
+  caller   takes batches in order, so the stream does not depend on thread timing.
+
+A sample that cannot be read or decoded is recorded in `loader.failures` with its reason and replaced by a
+copy of a good sample of the same batch, flagged `valid=False`; more than `max_failures` in one epoch
+raise `LoaderError`. DALI reports a decode error for the batch, not the sample, so a failed batch is run
+again one sample at a time on a rebuilt pipeline to find the culprit.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from pipelines import video_pipeline as vp
+from pipelines.gops import cut, webm_packets
+from pipelines.sampling import (TSN_SCALES, eval_views, eval_window, frame_indices, random_resized_crop_window,
+                                scale_jitter_window, tsn_multiscale_window)
+from pipelines.source import SampleError, ShardIndex, ShardReader, rank_part, shard_order, shuffled
+
+TRAIN_CROPS = ("scale_jitter", "tsn_multiscale", "random_resized_crop")
+
+
+class LoaderError(RuntimeError):
+    """The epoch cannot go on: too many broken samples, or none usable where one is needed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One sample as the pipeline sees it: whose bytes, which frames, which window, flipped or not."""
+    row: int                       # the video's position in the split index
+    clip: int
+    crop: int
+    valid: bool                    # False for stand-ins (padding, replaced failures): count them nowhere
+    data: bytes | SampleError
+    frames: np.ndarray | None      # indices into `data` (which may be cut to GOPs); None for images
+    roi: tuple[float, float, float, float]
+    mirror: bool
+
+    @property
+    def ok(self) -> bool:
+        return not isinstance(self.data, SampleError)
+
+
+class VideoLoader:
+    """Batches of `{"video", "label", "key", "video_index", "clip", "crop", "valid"}` from a shard split.
+
+    mode="train": one view per video, random frames (`sampling`), random crop (`train_crop`), random flip.
+    mode="eval": `num_clips` x `num_crops` views per video (`clip`, `crop` say which); every video once.
+    `video` is (B, T, C, H, W), (B, C, T, H, W) or (B, C, rows*H, cols*W) for layout "BTCHW", "BCTHW",
+    "super". Keep `flip=False` for direction-sensitive classes (SSv2, and our sample dataset's left/right).
+    """
+
+    def __init__(self, shards: str, batch_size: int, num_frames: int = 8, sampling: str = "uniform",
+                 mode: str = "train", *, split: str | None = None, stride: int = 2, num_clips: int = 1,
+                 num_crops: int = 1, crop_size: int = 224, train_crop: str = "scale_jitter",
+                 short_side: tuple[int, int] = (256, 320), test_short_side: int | None = None,
+                 tsn_scales: tuple[float, ...] = TSN_SCALES, flip: bool = True,
+                 mean: tuple[float, ...] = vp.IMAGENET_MEAN, std: tuple[float, ...] = vp.IMAGENET_STD,
+                 layout: str = "BTCHW", grid: str | None = None, device: str = "cpu", device_id: int = 0,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, storage_options: dict | None = None,
+                 readers: int = 8, shuffle_buffer: int = 64, num_threads: int | None = None,
+                 num_pipelines: int | None = None, prefetch: int = 2, max_failures: int = 100,
+                 verify: bool = True, cut_gops: bool = True):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if train_crop not in TRAIN_CROPS:
+            raise ValueError(f"train_crop must be one of {TRAIN_CROPS}, got {train_crop!r}")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("device='gpu' needs a CUDA GPU visible to torch; use device='cpu' on this machine")
+        self.index = ShardIndex(shards, split, storage_options)
+        self.config = vp.PipelineConfig(num_frames=num_frames, crop_size=crop_size, layout=layout, grid=grid,
+                                        media=self.index.media, mean=tuple(mean), std=tuple(std))
+        frame_indices(sampling, 1, 1, stride)  # a wrong sampling name or stride fails here
+        self.batch_size, self.num_frames, self.sampling, self.mode = batch_size, num_frames, sampling, mode
+        self.stride, self.train_crop, self.short_side, self.tsn_scales = stride, train_crop, short_side, tsn_scales
+        self.crop_size, self.flip = crop_size, flip
+        self.views = [(0, 0)] if mode == "train" else eval_views(num_clips, num_crops)
+        self.num_clips, self.num_crops = (1, 1) if mode == "train" else (num_clips, num_crops)
+        # One centre crop reads a 256-short-side frame (for 224); three crops span the short side exactly.
+        self.test_short_side = test_short_side or (round(crop_size * 256 / 224) if self.num_crops == 1 else crop_size)
+        self.device, self.device_id = device, device_id
+        self.rank, self.world_size, self.seed, self.epoch, self.start_batch = rank, world_size, seed, 0, 0
+        self.reader = ShardReader(self.index, readers=readers, verify=verify)
+        self.shuffle_buffer, self.prefetch, self.max_failures = shuffle_buffer, prefetch, max_failures
+        self.cut_gops = cut_gops
+        # GPU: a pipeline's decoder feeds one NVDEC engine and an H100 has 7, so run several. CPU: a pipeline
+        # per core up to 4 (measured on 2 cores: 2 pipelines x 1 thread deliver more than 1 x 2, which waits
+        # for the slowest sample of each batch), the cores shared out as DALI threads.
+        cores = os.cpu_count() or 1
+        self.num_pipelines = num_pipelines or (4 if device == "gpu" else min(4, cores))
+        self.num_threads = num_threads or (4 if device == "gpu" else max(1, cores // self.num_pipelines))
+        self.failures: list[dict] = []
+        self._failed_keys: set[str] = set()
+        self._lock = threading.Lock()
+        self._pipes: list = []
+        if mode == "eval" and len(self.index) < world_size:
+            raise ValueError(f"{len(self.index)} videos cannot be spread over {world_size} ranks; evaluate on fewer ranks")
+        if len(self) == 0:
+            raise ValueError(f"{len(self.index)} samples split over {world_size} ranks make no full batch of "
+                             f"{batch_size}; lower batch_size or world_size")
+
+    # ------------------------------------------------------------ epoch plan
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        n, w, b = len(self.index), self.world_size, self.batch_size
+        if self.mode == "train":
+            return n // w // b
+        return math.ceil(math.ceil(n / w) * len(self.views) / b)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch whose shard order, shuffle and augmentation the next iteration draws, and
+        the batch it starts at (exact resume: earlier batches are neither read nor decoded)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def rows(self, epoch: int) -> np.ndarray:
+        """Index rows this rank reads in `epoch`, in read order."""
+        n = len(self.index)
+        if self.mode == "train":
+            order = shard_order(self.index, self.seed, epoch)[rank_part(n, self.rank, self.world_size, equal=True)]
+            return order[: len(self) * self.batch_size]
+        return np.arange(n)[rank_part(n, self.rank, self.world_size, equal=False)]
+
+    # ------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self._pipes:
+            self._pipes = [self._build() for _ in range(self.num_pipelines)]
+        stop = threading.Event()
+        inboxes = [queue.Queue(self.prefetch) for _ in self._pipes]
+        outboxes = [queue.Queue(self.prefetch) for _ in self._pipes]
+        self.failures, self._failed_keys = [], set()
+        epoch, start_batch = self.epoch, self.start_batch
+        self.start_batch = 0                   # a resume point applies to one iteration
+        threads = [threading.Thread(target=self._feed, args=(epoch, start_batch, inboxes, stop), daemon=True)]
+        threads += [threading.Thread(target=self._drive, args=(p, inboxes[p], outboxes[p], stop), daemon=True)
+                    for p in range(len(self._pipes))]
+        for thread in threads:
+            thread.start()
+        running = (stop, tuple(threads))
+        _RUNNING.add(running)
+        try:
+            for k in range(len(self) - start_batch):
+                item = _get(outboxes[k % len(outboxes)], stop)
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    raise LoaderError(f"the stream ended after {start_batch + k} of {len(self)} batches")
+                if self.device == "gpu":
+                    _wait_on_current_stream(item)
+                yield item
+        finally:
+            _stop(*running)
+            _RUNNING.discard(running)
+
+    def _feed(self, epoch: int, start_batch: int, inboxes: list[queue.Queue], stop: threading.Event) -> None:
+        """Feeder thread: host-side batches of views, round-robin over the pipelines' inboxes."""
+        try:
+            for k, batch in enumerate(self._host_batches(epoch, start_batch)):
+                if not _put(inboxes[k % len(inboxes)], batch, stop):
+                    return
+            for inbox in inboxes:
+                _put(inbox, None, stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            for inbox in inboxes:
+                _put(inbox, e, stop)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Index rows in the order their views come out: the read order through the shuffle buffer (train).
+
+        The buffer is run on row numbers, not bytes, so the order is known up front: a resumed epoch
+        skips rows without reading them, while reads still go shard by shard.
+        """
+        rows = self.rows(epoch)
+        if self.mode == "eval":
+            return rows
+        return np.fromiter(shuffled(rows, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, self.rank])),
+                           np.int64, len(rows))
+
+    def _host_batches(self, epoch: int, start_batch: int) -> Iterator[list[View]]:
+        skip_rows, skip_views = divmod(start_batch * self.batch_size, len(self.views))
+        order = self.order(epoch)[skip_rows:]
+        wanted = set(order.tolist())
+        stream = _in_order(self.reader(r for r in self.rows(epoch) if r in wanted), order)
+        views = itertools.islice((view for row, data in stream for view in self._views(row, data, epoch)), skip_views, None)
+        views = _padded(views, (len(self) - start_batch) * self.batch_size)
+        stand_in = None
+        while batch := list(itertools.islice(views, self.batch_size)):
+            batch = self._repair(batch, stand_in)
+            stand_in = batch[-1]
+            yield batch
+
+    def _views(self, row: int, data: bytes | SampleError, epoch: int) -> Iterator[View]:
+        h, w = int(self.index["height"][row]), int(self.index["width"][row])
+        n = int(self.index["num_frames"][row])
+        cuttable = self.cut_gops and self.config.media == "video" and isinstance(data, bytes)
+        packets = webm_packets(data) if cuttable else None
+        if self.mode == "train":
+            rng = np.random.default_rng([self.seed, epoch, row])
+            frames = self._frames(n, 0, rng)     # drawn first, then the window, then the flip
+            yield self._view(row, 0, 0, data, packets, frames, self._train_window(h, w, rng),
+                             self.flip and rng.random() < 0.5)
+            return
+        for clip, crop in self.views:
+            yield self._view(row, clip, crop, data, packets, self._frames(n, clip, None),
+                             eval_window(h, w, self.crop_size, self.test_short_side, crop, self.num_crops), False)
+
+    def _frames(self, n: int, clip: int, rng: np.random.Generator | None) -> np.ndarray | None:
+        if self.config.media == "image":
+            return None
+        return frame_indices(self.sampling, n, self.num_frames, self.stride, clip, self.num_clips, rng)
+
+    @staticmethod
+    def _view(row, clip, crop, data, packets, frames, roi, mirror) -> View:
+        if packets is not None and frames.max() < len(packets.spans):
+            data, frames = cut(packets, frames)  # decode only the GOPs these frames sit in (see gops.py)
+        return View(row, clip, crop, True, data, frames, roi, mirror)
+
+    def _train_window(self, h: int, w: int, rng: np.random.Generator):
+        if self.train_crop == "scale_jitter":
+            return scale_jitter_window(h, w, self.crop_size, self.short_side, rng)
+        if self.train_crop == "tsn_multiscale":
+            return tsn_multiscale_window(h, w, rng, self.tsn_scales)
+        return random_resized_crop_window(h, w, rng)
+
+    def _repair(self, batch: list[View], stand_in: View | None) -> list[View]:
+        """Replace views whose bytes could not be read by flagged copies of a good one."""
+        for view in batch:
+            if not view.ok:
+                self._record(view.row, view.data)
+        good = [v for v in batch if v.ok] or ([stand_in] if stand_in is not None and stand_in.ok else [])
+        if not good:
+            raise LoaderError(f"no readable sample to stand in for the broken ones; first failure: {self.failures[0]}")
+        return [v if v.ok else dataclasses.replace(good[-1], valid=False) for v in batch]
+
+    def _record(self, row: int, error: SampleError) -> None:
+        key = str(self.index.keys[row])
+        with self._lock:
+            if key in self._failed_keys:
+                return
+            self._failed_keys.add(key)
+            self.failures.append({"key": key, "video_index": row, "shard": str(self.index["shard"][row]),
+                                  "stage": error.stage, "reason": error.reason})
+            if len(self.failures) > self.max_failures:
+                raise LoaderError(f"{len(self.failures)} samples failed this epoch (max_failures={self.max_failures}); "
+                                  f"the shards look damaged, e.g. {self.failures[:3]}")
+
+    # ------------------------------------------------------------ DALI
+
+    def _build(self):
+        return vp.build(self.config, self.device, self.batch_size, self.num_threads, self.device_id, self.seed)
+
+    def _drive(self, p: int, inbox: queue.Queue, outbox: queue.Queue, stop: threading.Event) -> None:
+        """Driver thread of pipeline `p`: host batches in, torch batches out, errors passed on.
+
+        On the GPU all its work is queued on a stream of its own; each batch carries an event that the
+        caller's stream waits for.
+        """
+        stream = torch.cuda.Stream(self.device_id) if self.device == "gpu" else None
+        while (batch := _get(inbox, stop)) is not None and not isinstance(batch, BaseException):
+            try:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    result = self._run(p, batch, stream)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, which raises it
+                result = e
+            if not _put(outbox, result, stop) or isinstance(result, BaseException):
+                return
+        _put(outbox, batch, stop)
+
+    def _run(self, p: int, batch: list[View], stream) -> dict:
+        try:
+            video = self._decode(self._pipes[p], batch, stream)
+        except RuntimeError as error:
+            self._pipes[p] = self._build()    # a failed run can leave the pipeline unusable
+            batch, video = self._decode_alone(p, batch, stream, error)
+        rows = np.array([v.row for v in batch])
+        host = {"label": torch.from_numpy(self.index["label"][rows].astype(np.int64)),
+                "video_index": torch.from_numpy(rows.astype(np.int64)),
+                "clip": torch.tensor([v.clip for v in batch]), "crop": torch.tensor([v.crop for v in batch]),
+                "valid": torch.tensor([v.valid for v in batch])}
+        out = {"video": video, "key": [str(self.index.keys[r]) for r in rows]}
+        out |= {name: t.to(video.device, non_blocking=True) for name, t in host.items()}
+        if stream is not None:
+            out["_ready"] = stream.record_event()
+        return out
+
+    def _decode(self, pipe, views: list[View], stream) -> torch.Tensor:
+        vp.feed(pipe, self.config, [np.frombuffer(v.data, np.uint8) for v in views],
+                [v.frames for v in views], [v.roi for v in views], [v.mirror for v in views])
+        (out,) = pipe.run(stream)
+        # No copy: DALI's dynamic executor gives every run fresh buffers, alive while referenced; on the
+        # GPU, DLPack makes the current (driver's) stream wait for DALI's work.
+        return torch.from_dlpack(out.as_tensor())
+
+    def _decode_alone(self, p: int, batch: list[View], stream, error: Exception):
+        """Run each view alone to find the ones DALI cannot decode; replace them with flagged copies."""
+        outputs = []
+        for view in batch:
+            try:
+                outputs.append(self._decode(self._pipes[p], [view], stream))
+            except RuntimeError as e:
+                self._pipes[p] = self._build()
+                self._record(view.row, SampleError("decode", _dali_reason(e)))
+                outputs.append(None)
+        good = [i for i, out in enumerate(outputs) if out is not None]
+        if not good:
+            raise LoaderError(f"no sample of a batch decodes; the pipeline said: {_dali_reason(error)}")
+        fixed = [view if out is not None else dataclasses.replace(batch[good[-1]], valid=False)
+                 for view, out in zip(batch, outputs)]
+        return fixed, torch.cat([out if out is not None else outputs[good[-1]] for out in outputs])
+
+
+_RUNNING: set = set()   # (stop event, threads) of epochs being iterated
+
+
+def _stop(stop: threading.Event, threads) -> None:
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """An epoch left half-read at exit: stop its threads before DALI's own exit hook tears pipelines down."""
+    for running in list(_RUNNING):
+        _stop(*running)
+
+
+def _in_order(fetched: Iterator[tuple[int, bytes | SampleError]], order: np.ndarray) -> Iterator:
+    """(row, data) in `order`; holds rows read early until their turn (about a shuffle buffer's worth)."""
+    pending = {}
+    for row in order.tolist():
+        while row not in pending:
+            got, data = next(fetched)
+            pending[got] = data
+        yield row, pending.pop(row)
+
+
+def _padded(views: Iterable[View], total: int) -> Iterator[View]:
+    """The views, then flagged copies of the last one up to `total` (eval: equal batches on every rank)."""
+    last = None
+    for last in views:
+        yield last
+        total -= 1
+    for _ in range(total):
+        yield dataclasses.replace(last, valid=False)
+
+
+def _wait_on_current_stream(batch: dict) -> None:
+    """Make the caller's CUDA stream wait for the driver's copy, and keep the memory alive on it."""
+    current = torch.cuda.current_stream()
+    current.wait_event(batch.pop("_ready"))
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            value.record_stream(current)
+
+
+def _dali_reason(error: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (it follows "encountered:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1:]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return None

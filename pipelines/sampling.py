@@ -1,0 +1,150 @@
+"""Which frames and which pixels each view of a video reads: pure functions of the index metadata.
+
+Everything here runs on the host before a byte of video is fetched (the Parquet index gives the frame
+count and size), so the same numbers drive the CPU and the GPU pipeline and a fixed seed fixes an epoch.
+Randomness comes from a `numpy.random.Generator` passed in; `rng=None` means evaluation: no randomness.
+
+Spatial windows are `(y0, x0, y1, x1)` in source pixels: the pipeline resizes that region of every frame
+of a clip to the output size in one step, so "resize the short side, then crop" costs one resample.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Window = tuple[float, float, float, float]  # y0, x0, y1, x1 in source pixels
+
+TSN_SCALES = (1.0, 0.875, 0.75, 0.66)
+
+
+# ---------------------------------------------------------------- frames
+
+def uniform_indices(num_video_frames: int, num_frames: int, clip: int = 0, num_clips: int = 1,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+    """TSN segment sampling: `num_frames` equal segments, one frame from each.
+
+    Training (rng given) takes a random frame inside each segment. Evaluation takes the same offset
+    inside every segment: clip k of K at (k + 0.5) / K of the segment, so one clip reads the centres,
+    floor(N / T * (i + 0.5)), and further clips shift those positions evenly. Short videos repeat frames.
+    """
+    n, t = _check_counts(num_video_frames, num_frames)
+    offsets = rng.random(t) if rng is not None else np.full(t, (clip + 0.5) / num_clips)
+    return np.minimum(np.floor(n / t * (np.arange(t) + offsets)).astype(np.int64), n - 1)
+
+
+def dense_indices(num_video_frames: int, num_frames: int, stride: int, clip: int = 0, num_clips: int = 1,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """I3D/SlowFast dense sampling: `num_frames` frames `stride` apart from one start.
+
+    Training starts anywhere the clip fits; evaluation spreads `num_clips` starts evenly from the first
+    to the last possible start (one clip sits in the middle). A video shorter than the clip wraps around.
+    """
+    n, t = _check_counts(num_video_frames, num_frames)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    slack = max(n - t * stride, 0)  # possible starts are 0..slack
+    if rng is not None:
+        start = int(rng.integers(0, slack + 1))
+    elif num_clips == 1:
+        start = slack // 2
+    else:
+        start = int(np.floor(slack * clip / (num_clips - 1)))
+    return (start + stride * np.arange(t)) % n
+
+
+def frame_indices(sampling: str, num_video_frames: int, num_frames: int, stride: int = 1, clip: int = 0,
+                  num_clips: int = 1, rng: np.random.Generator | None = None) -> np.ndarray:
+    """`uniform_indices` or `dense_indices` by name (the loader's `sampling=` option)."""
+    if sampling == "uniform":
+        return uniform_indices(num_video_frames, num_frames, clip, num_clips, rng)
+    if sampling == "dense":
+        return dense_indices(num_video_frames, num_frames, stride, clip, num_clips, rng)
+    raise ValueError(f"sampling must be 'uniform' (TSN segments) or 'dense' (stride), got {sampling!r}")
+
+
+def _check_counts(num_video_frames: int, num_frames: int) -> tuple[int, int]:
+    if num_video_frames < 1:
+        raise ValueError(f"a video must have at least one frame, got {num_video_frames}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return int(num_video_frames), int(num_frames)
+
+
+# ---------------------------------------------------------------- views
+
+def eval_views(num_clips: int, num_crops: int) -> list[tuple[int, int]]:
+    """(clip, crop) of every evaluation view of one video, clip-major."""
+    if num_crops not in (1, 3):
+        raise ValueError(f"num_crops must be 1 (centre) or 3 (along the long side), got {num_crops}")
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    return [(clip, crop) for clip in range(num_clips) for crop in range(num_crops)]
+
+
+def eval_window(height: int, width: int, crop_size: int, short_side: int, crop: int = 0,
+                num_crops: int = 1) -> Window:
+    """Evaluation crop: short side resized to `short_side`, then a `crop_size` square.
+
+    One crop is the centre; three crops (SIFAR, SlowFast) are the top-left, centre and bottom-right
+    squares, which cover the long side when `short_side == crop_size`.
+    """
+    if short_side < crop_size:
+        raise ValueError(f"the test short side ({short_side}) must be at least the crop size ({crop_size})")
+    scale = short_side / min(height, width)
+    anchor = 0.5 if num_crops == 1 else (0.0, 0.5, 1.0)[crop]
+    return _square_at(height, width, crop_size / scale, anchor, anchor)
+
+
+def scale_jitter_window(height: int, width: int, crop_size: int, short_side: tuple[int, int],
+                        rng: np.random.Generator) -> Window:
+    """Multi-scale jitter: short side resized to a random size in `short_side` (inclusive), then a random square."""
+    lo, hi = short_side
+    if lo < crop_size:
+        raise ValueError(f"the smallest jitter short side ({lo}) must be at least the crop size ({crop_size})")
+    scale = int(rng.integers(lo, hi + 1)) / min(height, width)
+    return _square_at(height, width, crop_size / scale, rng.random(), rng.random())
+
+
+def tsn_multiscale_window(height: int, width: int, rng: np.random.Generator, scales=TSN_SCALES,
+                          max_distort: int = 1) -> Window:
+    """TSN's multi-scale corner crop: sides from `scales` x short side (aspect distorted by at most
+    `max_distort` scale steps), placed at one of 13 fixed positions (corners, centre, edge centres, quarters).
+    """
+    base = min(height, width)
+    sizes = [base * s for s in scales]
+    pairs = [(h, w) for i, h in enumerate(sizes) for j, w in enumerate(sizes) if abs(i - j) <= max_distort]
+    crop_h, crop_w = pairs[int(rng.integers(len(pairs)))]
+    quarters = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2),          # corners and centre
+                (2, 0), (2, 4), (4, 2), (0, 2),                  # edge centres
+                (1, 1), (1, 3), (3, 1), (3, 3)]                  # quarter points
+    qy, qx = quarters[int(rng.integers(len(quarters)))]
+    y0, x0 = (height - crop_h) * qy / 4, (width - crop_w) * qx / 4
+    return y0, x0, y0 + crop_h, x0 + crop_w
+
+
+def random_resized_crop_window(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                               ratio=(3 / 4, 4 / 3), attempts: int = 10) -> Window:
+    """Inception-style crop for images: random area fraction and aspect ratio, centre crop as fallback."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = math.sqrt(target * aspect), math.sqrt(target / aspect)
+        if 0 < w <= width and 0 < h <= height:
+            y0, x0 = rng.uniform(0, height - h), rng.uniform(0, width - w)
+            return y0, x0, y0 + h, x0 + w
+    h, w = height, width
+    if width / height > ratio[1]:
+        w = height * ratio[1]
+    elif width / height < ratio[0]:
+        h = width / ratio[0]
+    return (height - h) / 2, (width - w) / 2, (height + h) / 2, (width + w) / 2
+
+
+def _square_at(height: int, width: int, side: float, fy: float, fx: float) -> Window:
+    """A `side` square whose free room is split fy : 1 - fy vertically and fx : 1 - fx horizontally."""
+    side = min(side, height, width)
+    y0, x0 = (height - side) * fy, (width - side) * fx
+    return y0, x0, y0 + side, x0 + side
