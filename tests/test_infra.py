@@ -1,0 +1,127 @@
+"""infra/: the files parse, and every script, recipe, module and image they name exists in this repo."""
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+INFRA = REPO / "infra"
+YAMLS = sorted(INFRA.rglob("*.yaml"))
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+IMAGE = f"vidscale:{VERSION}"
+DOCKER_INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "WORKDIR", "COPY", "ADD", "USER", "CMD", "ENTRYPOINT",
+                       "EXPOSE", "LABEL", "SHELL", "VOLUME", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD"}
+
+
+def documents(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def walk(node, key=None):
+    """(key, value) for every scalar in a YAML tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from walk(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v, key)
+    else:
+        yield key, node
+
+
+def commands() -> list[str]:
+    """Every shell command the infra files run: RayJob entrypoints and the cluster's start commands."""
+    found = []
+    for path in YAMLS:
+        for doc in documents(path):
+            found += [v for k, v in walk(doc) if k in ("entrypoint",) or (isinstance(v, str) and "python" in v)]
+    return found
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (INFRA / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_file_parses(path):
+    assert documents(path)
+
+
+def test_the_dockerfile_has_only_known_instructions_starts_from_a_base_and_copies_what_exists():
+    instructions = dockerfile_instructions()
+    assert {name for name, _ in instructions} <= DOCKER_INSTRUCTIONS
+    assert [name for name, _ in instructions if name != "ARG"][0] == "FROM"
+    for name, args in instructions:
+        if name == "COPY":
+            *sources, _ = shlex.split(args)
+            for source in sources:
+                assert (REPO / source).exists(), f"COPY {source}: not in the repo"
+
+
+def test_the_image_every_file_names_is_the_one_build_image_sh_builds_from_the_dockerfile():
+    script = (INFRA / "build_image.sh").read_text()
+    assert "-f infra/Dockerfile" in script and 'vidscale:${VERSION}' in script
+    images = [v for path in YAMLS for doc in documents(path) for k, v in walk(doc) if k == "image"]
+    assert images and set(images) == {IMAGE}
+
+
+def test_every_script_recipe_and_module_the_jobs_run_exists():
+    runs = commands()
+    assert any("shard_kinetics.py" in c for c in runs) and any("-m train fit" in c for c in runs)
+    for command in runs:
+        for path in re.findall(r"\b((?:pipelines|configs|infra|benchmarks|shards)/[\w./-]+\.(?:py|yaml|sh))", command):
+            assert (REPO / path).exists(), f"{path} (in {command!r}) is not in the repo"
+        for module in re.findall(r"python -m ([\w.]+)", command):
+            assert (REPO / module.replace(".", "/")).with_suffix(".py").exists() or \
+                (REPO / module.replace(".", "/") / "__main__.py").exists(), f"python -m {module}: no such module"
+
+
+def test_the_training_job_overrides_only_keys_the_recipe_has():
+    from train.config import load_config
+    for command in commands():
+        if "-m train fit" not in command:
+            continue
+        words = shlex.split(command.split("&&")[-1])
+        recipe = words[words.index("--config") + 1]
+        overrides = [w for w in words if "=" in w and not w.startswith("-")]
+        load_config(REPO / recipe, overrides)     # raises ConfigError on an unknown key
+
+
+def test_jobs_attach_to_the_cluster_the_manifests_define():
+    kinds = {doc["kind"]: doc for path in (INFRA / "k8s").glob("*.yaml") for doc in documents(path)}
+    cluster = kinds["RayCluster"]["metadata"]["name"]
+    jobs = [doc for path in (INFRA / "k8s").glob("*.yaml") for doc in documents(path) if doc["kind"] == "RayJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        assert job["apiVersion"] == "ray.io/v1" and job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster}
+
+
+def test_credentials_come_from_a_secret_never_from_a_file():
+    for path in YAMLS:
+        text = path.read_text()
+        assert not re.search(r"(?i)(secret_access_key|access_key_id|password|token)\s*[:=]\s*['\"]?\w{8,}", text), path
+        for doc in documents(path):
+            for key, value in walk(doc):
+                assert not (isinstance(value, str) and value.startswith(("AKIA", "ASIA"))), f"{path}: an AWS key id"
+    pods = [c for path in (INFRA / "k8s").glob("*.yaml") for doc in documents(path) for k, c in walk_containers(doc)]
+    assert pods and all({"secretRef": {"name": "vidscale-object-store"}} in c.get("envFrom", []) for c in pods)
+
+
+def walk_containers(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "containers":
+                for c in v:
+                    yield k, c
+            else:
+                yield from walk_containers(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk_containers(v)

@@ -1,0 +1,483 @@
+"""One training loop for every model family: the update step, the epoch loop, and `fit`.
+
+The step: batches arrive in the model's own layout (the loader is configured from `model.layout`), get
+Mixup/CutMix on the device with one CutMix box for all frames of a clip, run under bf16 autocast where
+the device supports it, and accumulate gradients over `optim.accum_steps` micro-batches (and over the
+datasets of a multi-dataset run, one batch each in a fixed order) before one clipped optimizer update.
+The timm scheduler is stepped per update (warm-up and cosine are smooth within epochs) and the EMA
+follows each update. Time spent waiting for the loader is measured around `next(batch)` and reported
+as the data-wait share of wall time beside clips/s.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+
+import models
+from train import checkpoint as ckpt
+from train.clips import autocast, input_memory_format, map_frames
+from train.config import ConfigError, datasets_of, save_config
+from train.data import Source, build_loader
+from train.evaluate import evaluate, spatiotemporal_effects, write_report
+from train.metrics import MetricsLogger, Progress, Throughput, plot_curves
+
+# ---------------------------------------------------------------- device and precision
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={setting} but no CUDA device is visible; use train.device=cpu")
+    return torch.device(setting)
+
+
+def pick_amp(setting, device: torch.device) -> torch.dtype | None:
+    """bf16 where the device does it natively (CUDA with bf16 support); CPU runs stay in fp32 unless asked."""
+    setting = str(setting).lower()
+    if setting in ("none", "false"):
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def wants_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
+    """Channels-last pays off for convolution-heavy models on CUDA (tensor cores read NHWC)."""
+    if setting in (True, False):
+        return setting
+    convs = sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules())
+    return device.type == "cuda" and convs >= 5
+
+
+def model_memory_format(model: nn.Module) -> torch.memory_format:
+    return torch.channels_last_3d if any(isinstance(m, nn.Conv3d) for m in model.modules()) else torch.channels_last
+
+
+# ---------------------------------------------------------------- augmentation and loss
+
+
+def build_mixup(aug: dict, num_classes: int) -> Mixup | None:
+    if not (aug["mixup"] > 0 or aug["cutmix"] > 0 or aug["cutmix_minmax"]):
+        return None
+    return Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"], cutmix_minmax=aug["cutmix_minmax"],
+                 prob=aug["mixup_prob"], switch_prob=aug["switch_prob"], mode="batch",
+                 label_smoothing=aug["label_smoothing"], num_classes=num_classes)
+
+
+def build_criterion(aug: dict, mixing: bool) -> nn.Module:
+    if mixing:   # smoothing is already in the soft targets
+        return SoftTargetCrossEntropy()
+    if aug["label_smoothing"] > 0:
+        return LabelSmoothingCrossEntropy(smoothing=aug["label_smoothing"])
+    return nn.CrossEntropyLoss()
+
+
+def mix_clips(mixup: Mixup, x: torch.Tensor, y: torch.Tensor, layout: str, num_frames: int):
+    """timm Mixup/CutMix on clips, one CutMix box shared by every frame of a clip.
+
+    timm cuts its box from the last two dims of a (B, K, H, W) tensor, so frames and channels are
+    folded into K: a free view for BTCHW and BCTHW batches; super images are untiled first (the box
+    would otherwise land on one region of the grid) and tiled again. An odd batch cannot be paired
+    and gets smoothed one-hot targets instead.
+    """
+    if len(x) % 2:
+        return x, mixup_target(y, mixup.num_classes, lam=1.0, smoothing=mixup.label_smoothing)
+    if x.dim() == 5:
+        x = x.contiguous()
+        _, targets = mixup(x.view(len(x), -1, *x.shape[-2:]), y)   # mixes x in place through the view
+        return x, targets
+    if layout != "super":   # an image batch (the image datasets of IV-ViT)
+        return mixup(x, y)
+    targets = None
+
+    def mix(tiles: torch.Tensor) -> torch.Tensor:
+        nonlocal targets
+        b, t, c, h, w = tiles.shape
+        folded, targets = mixup(tiles.reshape(b, t * c, h, w), y)
+        return folded.view(b, t, c, h, w)
+
+    return map_frames(x, layout, num_frames, mix), targets
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """The model, its optimizer state and the loop position; `state_dict()` is an exact resume point."""
+
+    def __init__(self, cfg: dict, model: nn.Module, sources: list[Source], *, device: torch.device,
+                 val_loaders: dict | None = None, rank: int = 0, world_size: int = 1,
+                 logger: MetricsLogger | None = None, save_checkpoint: Callable[[dict, dict], None] | None = None):
+        self.cfg, self.model, self.sources, self.device = cfg, model, sources, device
+        self.val_loaders = val_loaders or {}
+        self.rank, self.world_size = rank, world_size
+        self.logger = logger or MetricsLogger(None)
+        self.save_checkpoint = save_checkpoint
+        self.module = ckpt.unwrap(model)
+        self.layout, self.num_frames = self.module.layout, self.module.num_frames
+        self.multi = bool(cfg["data"]["datasets"])
+        self.amp = pick_amp(cfg["train"]["amp"], device)
+        self.channels_last = wants_channels_last(cfg["train"]["channels_last"], self.module, device)
+        optim, sched = cfg["optim"], cfg["sched"]
+
+        self.accum = optim["accum_steps"]
+        self.updates_per_epoch = math.ceil(len(sources[0]) / self.accum)
+        global_batch = cfg["data"]["batch_size"] * world_size * self.accum
+        lr = optim["lr"] * (global_batch / optim["lr_reference_batch"] if optim["lr_reference_batch"] else 1)
+        self.optimizer = create_optimizer_v2(self.module, opt=optim["name"], lr=lr,
+                                             weight_decay=optim["weight_decay"], momentum=optim["momentum"],
+                                             filter_bias_and_bn=optim["filter_bias_and_bn"])
+        self.scheduler, self.epochs = create_scheduler_v2(
+            self.optimizer, sched=sched["name"], num_epochs=sched["epochs"], warmup_epochs=sched["warmup_epochs"],
+            warmup_lr=sched["warmup_lr"], min_lr=sched["min_lr"], cooldown_epochs=sched["cooldown_epochs"],
+            decay_milestones=sched["decay_milestones"], decay_rate=sched["decay_rate"],
+            step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.ema = ModelEmaV3(self.module, decay=cfg["train"]["ema_decay"]) if cfg["train"]["ema_decay"] else None
+
+        self.mixups = {name: build_mixup(cfg["aug"], ds["num_classes"]) for name, ds in datasets_of(cfg).items()}
+        self.criterion = build_criterion(cfg["aug"], any(self.mixups.values()))
+        self.epoch, self.updates, self.best = 0, 0, None
+        self._skip, self._pending_rng = 0, None
+        self.throughput = Throughput()
+        self._loss_sum, self._loss_count = torch.zeros((), device=device), 0
+
+    # ------------------------------------------------------------ one update
+
+    def forward_loss(self, batch: dict, dataset: str) -> torch.Tensor:
+        x = batch["video"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        mixup = self.mixups[dataset]
+        target = y
+        if mixup is not None:
+            if x.data_ptr() == batch["video"].data_ptr():
+                x = x.clone()   # Mixup works in place; never write into the loader's own tensor
+            x, target = mix_clips(mixup, x, y, self.layout, self.num_frames)
+        if self.channels_last and (fmt := input_memory_format(x, self.layout)) is not None:
+            x = x.contiguous(memory_format=fmt)
+        with autocast(self.device, self.amp):
+            logits = self.model(x, dataset=dataset) if self.multi else self.model(x)
+        return self.criterion(logits.float(), target)
+
+    def update(self, micro_batches: int) -> None:
+        """`micro_batches` batches from every source, one optimizer update."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        steps = [source for _ in range(micro_batches) for source in self.sources]
+        for n, source in enumerate(steps):
+            began = time.perf_counter()
+            batch = source.next()
+            wait = time.perf_counter() - began
+            last = n == len(steps) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss = self.forward_loss(batch, source.name) / len(steps)
+                self.scaler.scale(loss).backward()
+            self._loss_sum += loss.detach() * len(steps)
+            self._loss_count += 1
+            self.throughput.add(len(batch["label"]) * self.world_size, wait)
+        if self.cfg["optim"]["clip_grad"]:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg["optim"]["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.updates += 1
+        self.scheduler.step_update(self.updates)
+        if self.ema is not None:
+            self.ema.update(self.module, step=self.updates)
+
+    # ------------------------------------------------------------ the loop
+
+    @property
+    def total_updates(self) -> int:
+        return self.epochs * self.updates_per_epoch
+
+    def _position_sources(self) -> None:
+        primary = self.sources[0]
+        primary.start(self.epoch, self._skip)
+        self._skip = 0
+        if self._pending_rng is not None:   # after skipping: the skipped batches drew before the checkpoint
+            ckpt.restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+    def run(self, progress: Progress | None = None) -> dict:
+        cfg_t = self.cfg["train"]
+        max_updates = cfg_t["max_updates"]
+        progress = progress or Progress(self.total_updates, self.updates, enabled=self.rank == 0)
+        stopped = False
+        while self.epoch < self.epochs and not stopped:
+            self._position_sources()
+            primary = self.sources[0]
+            while primary.consumed < len(primary):
+                self.update(min(self.accum, len(primary) - primary.consumed))
+                if self.updates % cfg_t["log_every"] == 0:
+                    self._log_train(progress)
+                if cfg_t["checkpoint_every"] and self.updates % cfg_t["checkpoint_every"] == 0 \
+                        and primary.consumed < len(primary):
+                    self.checkpoint({})
+                if max_updates and self.updates >= max_updates:
+                    stopped = True
+                    break
+            if stopped:
+                break
+            self.epoch += 1
+            metrics = self.validate() if cfg_t["eval_every"] and (
+                self.epoch % cfg_t["eval_every"] == 0 or self.epoch == self.epochs) else {}
+            self.checkpoint(metrics)
+            self.throughput.reset()   # the next window measures training, not validation
+        return {"epoch": self.epoch, "updates": self.updates, "stopped_early": stopped, "best": self.best}
+
+    def _log_train(self, progress: Progress) -> None:
+        stats = self.throughput.read()
+        stats.update(loss=(self._loss_sum / max(self._loss_count, 1)).item(),
+                     lr=self.optimizer.param_groups[0]["lr"])
+        progress.line(self.epoch, self.epochs, self.updates, stats)
+        self.logger.log("train", stats, epoch=self.epoch, update=self.updates)
+        self.throughput.reset()
+        self._loss_sum.zero_()
+        self._loss_count = 0
+
+    def validate(self) -> dict:
+        """Clip-level top-1/top-5 on each dataset's validation split (1 view per video)."""
+        metrics = {}
+        for name, loader in self.val_loaders.items():
+            kw = dict(device=self.device, layout=self.layout, num_frames=self.num_frames, amp_dtype=self.amp,
+                      dataset=name if self.multi else None, channels_last=self.channels_last)
+            prefix = f"{name}_" if self.multi else ""
+            video = evaluate(self.model, loader, **kw)["normal"]["video"]
+            metrics.update({f"{prefix}top1": video["top1"], f"{prefix}top5": video["top5"],
+                            f"{prefix}mean_class": video["mean_class"]})
+            if self.ema is not None:
+                metrics[f"{prefix}ema_top1"] = evaluate(self.ema.module, loader, **kw)["normal"]["video"]["top1"]
+        if metrics:
+            self.logger.log("val", metrics, epoch=self.epoch - 1, update=self.updates)
+            head = next(iter(metrics.values()))
+            self.best = head if self.best is None else max(self.best, head)
+            if self.rank == 0:
+                print(f"validation after epoch {self.epoch}: " +
+                      ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+        return metrics
+
+    # ------------------------------------------------------------ resume points
+
+    def state_dict(self) -> dict:
+        rng = ckpt.capture_rng()
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            ranks: list = [None] * self.world_size
+            dist.all_gather_object(ranks, rng)   # every rank's random state resumes exactly
+        else:
+            ranks = [rng]
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "epoch": self.epoch, "updates": self.updates, "best": self.best,
+                "sources": {s.name: s.state() for s in self.sources}, "rng": ranks,
+                "world_size": self.world_size, "config": self.cfg}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.updates, self.best = state["epoch"], state["updates"], state["best"]
+        self.scheduler.step_update(self.updates)
+        positions = state["sources"]
+        primary = self.sources[0]
+        self._skip = positions[primary.name]["consumed"] if positions[primary.name]["epoch"] == self.epoch else 0
+        for source in self.sources[1:]:
+            source.epoch, source.consumed = positions[source.name]["epoch"], positions[source.name]["consumed"]
+        if state["world_size"] == self.world_size:
+            self._pending_rng = state["rng"][self.rank]
+        elif self.rank == 0:
+            print(f"resuming on {self.world_size} workers from a {state['world_size']}-worker checkpoint: "
+                  f"batches continue exactly, random draws (mixup, drop path) do not", flush=True)
+
+    def checkpoint(self, metrics: dict) -> None:
+        if self.save_checkpoint is not None:
+            self.save_checkpoint(self.state_dict(), metrics)
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def import_plugins(cfg: dict) -> None:
+    import importlib
+    for name in cfg["imports"]:
+        importlib.import_module(name)
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """The configured model; a multi-dataset run asks for one head per dataset (`heads={name: classes}`)."""
+    m = cfg["model"]
+    options = dict(m["options"])
+    num_classes = m["num_classes"]
+    if cfg["data"]["datasets"]:
+        options["heads"] = {name: d["num_classes"] for name, d in cfg["data"]["datasets"].items()}
+        num_classes = next(iter(options["heads"].values()))
+    return models.build(m["name"], num_classes=num_classes, num_frames=m["num_frames"], img_size=m["img_size"],
+                        pretrained=m["pretrained"], **options)
+
+
+def new_run_dir(cfg: dict) -> Path:
+    if cfg["run"]["dir"]:
+        return Path(cfg["run"]["dir"])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg["run"]["root"]) / f"{cfg['name']}-{stamp}"
+
+
+def checkpoint_root(cfg: dict, run_dir: Path) -> str:
+    return cfg["run"]["storage"] or str(run_dir / "checkpoints")
+
+
+def setup(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+          prepare_model: Callable[[nn.Module], nn.Module] | None = None) -> tuple[nn.Module, torch.device]:
+    """Model on its device, initialised from `init_from` if set, wrapped by `prepare_model` (DDP)."""
+    import_plugins(cfg)
+    device = device or pick_device(cfg["train"]["device"])
+    if cfg["train"]["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    seed_everything(cfg["seed"])   # identical initial weights on every rank
+    model = build_model(cfg)
+    if cfg["init_from"]:
+        report = ckpt.load_weights(model, cfg["init_from"], cfg["run"]["storage_options"])
+        if rank == 0:
+            print(f"initialised {report['loaded']} tensors from {cfg['init_from']}; kept the initial value of "
+                  f"{len(report['skipped'])}: {report['skipped'][:8]}{' ...' if len(report['skipped']) > 8 else ''}")
+    model.to(device)
+    if wants_channels_last(cfg["train"]["channels_last"], model, device):
+        model.to(memory_format=model_memory_format(model))
+    if prepare_model is not None:
+        model = prepare_model(model)
+    if cfg["train"]["compile"]:
+        model = torch.compile(model)
+    seed_everything(cfg["seed"] + rank)   # different augmentation and drop-path draws per rank
+    return model, device
+
+
+def build_sources(cfg: dict, layout: str, device, rank: int, world_size: int) -> tuple[list[Source], dict]:
+    train, val = [], {}
+    for i, name in enumerate(datasets_of(cfg)):
+        train.append(Source(name, build_loader(cfg, name, "train", layout=layout, device=device, rank=rank,
+                                               world_size=world_size), cycle=i > 0))
+        if cfg["train"]["eval_every"] and (datasets_of(cfg)[name].get("val") or {}).get("shards"):
+            val[name] = build_loader(cfg, name, "val", layout=layout, device=device, rank=rank, world_size=world_size)
+    return train, val
+
+
+def final_evaluation(cfg: dict, model: nn.Module, device, *, rank: int = 0, world_size: int = 1,
+                     checkpoint: str | None = None) -> dict:
+    """The papers' test protocol: clips x crops views per video, every configured frame order."""
+    module = ckpt.unwrap(model)
+    ev = cfg["eval"]
+    amp = pick_amp(cfg["train"]["amp"], device)
+    multi = bool(cfg["data"]["datasets"])
+    results = {}
+    for name in datasets_of(cfg):
+        loader = build_loader(cfg, name, "val", layout=module.layout, device=device, rank=rank,
+                              world_size=world_size, views=(ev["clips"], ev["crops"]), batch_size=ev["batch_size"])
+        results[name] = evaluate(model, loader, orders=tuple(ev["orders"]), device=device, layout=module.layout,
+                                 num_frames=module.num_frames, amp_dtype=amp, dataset=name if multi else None,
+                                 seed=cfg["seed"], progress=True,
+                                 channels_last=wants_channels_last(cfg["train"]["channels_last"], module, device))
+    report = {"model": cfg["model"]["name"], "dataset": ", ".join(results), "checkpoint": checkpoint,
+              "views": ev["clips"] * ev["crops"], "clips": ev["clips"], "crops": ev["crops"],
+              "num_frames": module.num_frames, "results": results}
+    if ev["reference"]:
+        with fsspec.open(ev["reference"]) as f:
+            tsn = json.load(f)
+        report["effects"] = {name: spatiotemporal_effects(results[name], tsn["results"][name])
+                             for name in results if name in tsn["results"]}
+    return report
+
+
+def check_run(cfg: dict, store: ckpt.CheckpointStore, resuming: bool) -> None:
+    """Refuse, before any work, what would spoil a run: another run's checkpoints, a missing reference."""
+    if not resuming and store.names():
+        raise ConfigError(f"the run folder's checkpoint store {store.root} already holds checkpoints; continue "
+                          f"that run with run.resume=auto, or give another run.dir")
+    reference = cfg["eval"]["reference"]
+    if reference and not fsspec.core.url_to_fs(reference)[0].exists(reference):
+        raise ConfigError(f"eval.reference {reference!r} does not exist; give the eval_report.json of a finished "
+                          f"TSN run (configs/sample_tsn.yaml) or set eval.reference=null")
+
+
+def fit(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+        prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+        save_checkpoint: Callable[[dict, dict], None] | None = None, resume_state: dict | None = None,
+        run_dir: str | Path | None = None) -> dict:
+    """Train (and finally evaluate) one run; returns a summary with the run folder and final metrics.
+
+    The defaults run one process that writes checkpoints to `run.storage` (or the run folder) and
+    resumes from `run.resume`; Ray Train passes its own `prepare_model`, `save_checkpoint` and
+    `resume_state` instead (train.ray_train).
+    """
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    lead = rank == 0
+    store = ckpt.CheckpointStore(checkpoint_root(cfg, run_dir), cfg["train"]["keep_checkpoints"],
+                                 cfg["run"]["storage_options"])
+    check_run(cfg, store, resuming=resume_state is not None or bool(cfg["run"]["resume"]))
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if resume_state is None and cfg["run"]["resume"]:
+        url = store.latest() if cfg["run"]["resume"] == "auto" else cfg["run"]["resume"]
+        if url:
+            resume_state = ckpt.load(url, cfg["run"]["storage_options"])
+            if lead:
+                print(f"resuming from {url}: epoch {resume_state['epoch']}, update {resume_state['updates']}")
+    model, device = setup(cfg, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model)
+    module = ckpt.unwrap(model)
+    sources, val_loaders = build_sources(cfg, module.layout, device, rank, world_size)
+    if save_checkpoint is None:
+        def save_checkpoint(state: dict, metrics: dict) -> None:
+            if lead:
+                store.save(state)
+    logger = MetricsLogger(run_dir, enabled=lead)
+    trainer = Trainer(cfg, model, sources, device=device, val_loaders=val_loaders, rank=rank,
+                      world_size=world_size, logger=logger, save_checkpoint=save_checkpoint)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+    try:
+        summary = trainer.run()
+        if cfg["eval"]["at_end"]:
+            report = final_evaluation(cfg, trainer.ema.module if trainer.ema else model, device, rank=rank,
+                                      world_size=world_size, checkpoint=store.latest() if lead else None)
+            report["weights"] = "ema" if trainer.ema else "model"
+            summary["eval"] = report
+            if lead:
+                write_report(report, run_dir)
+    finally:
+        logger.close()
+    if lead:
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    summary.update(run_dir=str(run_dir), model=module)
+    return summary
