@@ -43,7 +43,6 @@ def bucket():
 @pytest.fixture(scope="module")
 def local_ray(bucket):
     import ray
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
              logging_level="ERROR", runtime_env={"env_vars": {
                  "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",

@@ -269,12 +269,9 @@ def test_the_command_line_fits_then_evaluates_a_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def sample_shards(tmp_path_factory) -> str:
     """The embedded motion dataset (4 classes, small) written as real VP9 shards by the real shard job."""
-    import os
-
     from test_video_pipeline import loopback_ray, run_shard_job
 
     from shards.job import transcode_options
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # else the local node takes the host's IP
     from shards.sample_dataset import make_sample_dataset
     root = tmp_path_factory.mktemp("sample")
     source = make_sample_dataset(root / "source", num_classes=4, train_per_class=4, val_per_class=2,
