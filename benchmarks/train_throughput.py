@@ -83,9 +83,10 @@ def bench(cfg: dict, updates: int, warmup: int, repeats: int) -> dict:
     on a shared machine hits both sides alike."""
     model, device = setup(cfg)
     module = unwrap(model)
-    loader = build_loader(cfg, cfg["data"]["name"], "train", layout=module.layout, device=device)
+    kw = dict(layout=module.layout, grid=getattr(module, "super_grid", None), device=device)
+    loader = build_loader(cfg, cfg["data"]["name"], "train", **kw)
     streamed = Trainer(cfg, model, [Source(cfg["data"]["name"], loader, cycle=True)], device=device)
-    own = build_loader(cfg, cfg["data"]["name"], "train", layout=module.layout, device=device)   # not shared
+    own = build_loader(cfg, cfg["data"]["name"], "train", **kw)   # not shared
     premade = Premade(own, count=min(8, len(own)), device=device)
     replayed = Trainer(cfg, model, [Source(cfg["data"]["name"], premade, cycle=True)], device=device)
     real, ceiling = [], []

@@ -14,6 +14,8 @@ from timm.data import Mixup
 from train_support import tiny_config
 
 from models.layouts import to_super_image
+import models
+from train import checkpoint as ckpt
 from train import cli
 from train.clips import untile
 from train.config import ConfigError, load_config
@@ -205,11 +207,50 @@ def test_every_model_family_trains_and_evaluates_through_the_same_loop(tmp_path,
     assert run["updates"] == 1 and results["reversed"]["video"]["count"] == 2
 
 
+def test_a_super_image_model_with_its_own_grid_gets_that_grid_in_training_and_evaluation(tmp_path):
+    """SIFAR checks the super image's shape, so a loader tiling the default 3x3 would fail here."""
+    run = fit(tiny_config(tmp_path, layout="super", model={"name": "sifar_resnet50",
+                                                           "options": {"arch": "resnet18", "grid": "1x8"}},
+                          aug={"mixup": 0.8, "cutmix": 1.0}, train={"max_updates": 2, "eval_every": 0},
+                          eval={"orders": ["normal", "reversed"]}))
+    assert run["model"].super_grid == (1, 8)
+    assert run["updates"] == 2 and run["eval"]["results"]["main"]["reversed"]["video"]["count"] == 12
+
+
+def test_a_loader_grid_that_differs_from_the_models_is_refused_and_names_both(tmp_path):
+    cfg = tiny_config(tmp_path, layout="super", model={"name": "sifar_resnet50",
+                                                       "options": {"arch": "resnet18", "grid": "1x8"}},
+                      data={"options": {"grid": "2x4"}})
+    with pytest.raises(ConfigError, match="tile a 2x4 grid but the model reads 1x8"):
+        fit(cfg)
+
+
 def test_bf16_autocast_is_used_where_asked_and_auto_keeps_the_cpu_in_fp32(tmp_path):
     assert pick_amp("auto", torch.device("cpu")) is None
     assert pick_amp("bf16", torch.device("cpu")) == torch.bfloat16
     run = fit(tiny_config(tmp_path, train={"amp": "bf16", "max_updates": 2, "eval_every": 0}, eval={"at_end": False}))
     assert all(math.isfinite(r["loss"]) for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl"))
+
+
+def test_fp16_autocast_trains_with_a_grad_scaler_whose_state_the_checkpoint_carries(tmp_path):
+    run = fit(tiny_config(tmp_path, train={"amp": "fp16", "max_updates": 2, "checkpoint_every": 1, "eval_every": 0},
+                          eval={"at_end": False}))
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl"))
+    scaler = ckpt.load(ckpt.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 2     # two steps taken without overflow
+
+
+def test_a_compiled_model_trains_and_checkpoints_weights_that_a_plain_model_loads(tmp_path):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run = fit(tiny_config(tmp_path, train={"compile": True, "max_updates": 2, "checkpoint_every": 1,
+                                           "eval_every": 0}, eval={"at_end": False}))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1     # the steps ran through dynamo
+    weights = ckpt.load(ckpt.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())["model"]
+    plain = models.build("test_tiny_bcthw", num_classes=4, num_frames=8, img_size=16)
+    plain.load_state_dict(weights)                         # no `_orig_mod.` prefixes: strict load succeeds
+    clips = torch.randn(2, 3, 8, 16, 16)
+    torch.testing.assert_close(plain.eval()(clips), run["model"].eval()(clips), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- recipes and the command line

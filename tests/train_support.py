@@ -38,11 +38,12 @@ class SyntheticLoader:
 
     def __init__(self, shards, batch_size, num_frames=8, sampling="uniform", mode="train", *, split=None,
                  num_clips=1, num_crops=1, crop_size=16, layout="BTCHW", device="cpu", device_id=0, rank=0,
-                 world_size=1, seed=0, num_classes=4, delay=0.0, die_at_batch=None, die_marker=None, **_):
+                 world_size=1, seed=0, num_classes=4, grid=None, delay=0.0, die_at_batch=None, die_marker=None,
+                 **_):
         self.num_videos = int(str(shards).split(":")[-1])
         self.batch_size, self.num_frames, self.mode, self.size = batch_size, num_frames, mode, crop_size
         self.views = [(0, 0)] if mode == "train" else [(c, k) for c in range(num_clips) for k in range(num_crops)]
-        self.layout, self.rank, self.world_size, self.seed = layout, rank, world_size, seed
+        self.layout, self.grid, self.rank, self.world_size, self.seed = layout, grid, rank, world_size, seed
         self.num_classes, self.delay, self.epoch = num_classes, delay, 0
         self.device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
         self.die_at_batch, self.die_marker = die_at_batch, die_marker   # a worker that dies once (Ray tests)
@@ -87,7 +88,7 @@ class SyntheticLoader:
             if self.layout == "BCTHW":
                 video = video.transpose(1, 2).contiguous()
             elif self.layout == "super":
-                video = to_super_image(video)
+                video = to_super_image(video, self.grid)
             yield {"video": video.to(self.device), "label": torch.tensor([v % self.num_classes for v, *_ in chunk]),
                    "key": [f"vid{v:05d}" for v, *_ in chunk], "video_index": torch.tensor([v for v, *_ in chunk]),
                    "clip": torch.tensor([c for _, c, _, _ in chunk]), "crop": torch.tensor([k for _, _, k, _ in chunk]),

@@ -3,7 +3,7 @@ layouts (BTCHW, BCTHW, super images), and mixed-precision context.
 
 Mixup/CutMix and the temporal-order test both need "the frames of each clip", whatever layout the
 loader produced for the model. Super images arrive tiled, (B, C, rows*H, cols*W); they are untiled
-with the same grid rule the pipelines and SIFAR use (models.layouts.super_grid), blank tiles included.
+with the model's grid (SIFAR's rule of models.layouts.super_grid unless the model names one), blank tiles included.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 from models.layouts import super_grid, to_super_image
 
 
-def untile(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+def untile(x: torch.Tensor, num_frames: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """(B, C, rows*H, cols*W) -> (B, rows*cols, C, H, W): every tile, blanks at the end."""
     b, c, height, width = x.shape
-    rows, cols = super_grid(num_frames)
+    rows, cols = super_grid(num_frames, grid)
     if height % rows or width % cols:
         raise ValueError(f"super image {height}x{width} does not split into the {rows}x{cols} grid of "
                          f"{num_frames} frames; check model.num_frames against the loader's frames")
@@ -31,8 +31,8 @@ def time_first(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "BCTHW" else x
 
 
-def map_frames(x: torch.Tensor, layout: str, num_frames: int,
-               fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def map_frames(x: torch.Tensor, layout: str, num_frames: int, fn: Callable[[torch.Tensor], torch.Tensor],
+               grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Apply `fn` to the (B, T, C, H, W) frames of `x` and return the result in `x`'s layout.
 
     For a super image `fn` sees every tile, blank ones too (they are blanked again afterwards);
@@ -42,15 +42,16 @@ def map_frames(x: torch.Tensor, layout: str, num_frames: int,
         if layout != "super":
             raise ValueError(f"a 4-D batch {tuple(x.shape)} is only valid for super-image models, "
                              f"this model's layout is {layout}")
-        tiles = fn(untile(x, num_frames))
-        return to_super_image(tiles[:, :num_frames], super_grid(num_frames))   # blanks re-zeroed
+        tiles = fn(untile(x, num_frames, grid))
+        return to_super_image(tiles[:, :num_frames], super_grid(num_frames, grid))   # blanks re-zeroed
     if x.dim() != 5:
         raise ValueError(f"expected a clip batch with 4 (super image) or 5 dims, got {tuple(x.shape)}")
     out = fn(time_first(x, layout))
     return out.transpose(1, 2) if layout == "BCTHW" else out
 
 
-def reorder(x: torch.Tensor, layout: str, num_frames: int, perms: torch.Tensor) -> torch.Tensor:
+def reorder(x: torch.Tensor, layout: str, num_frames: int, perms: torch.Tensor,
+            grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Frames of clip i in the order perms[i] (a (B, T) index tensor)."""
     def take(frames: torch.Tensor) -> torch.Tensor:
         index = perms.to(frames.device)
@@ -58,7 +59,7 @@ def reorder(x: torch.Tensor, layout: str, num_frames: int, perms: torch.Tensor) 
             blanks = torch.arange(num_frames, frames.shape[1], device=frames.device).expand(len(frames), -1)
             index = torch.cat([index, blanks], dim=1)
         return frames[torch.arange(len(frames), device=frames.device)[:, None], index]
-    return map_frames(x, layout, num_frames, take)
+    return map_frames(x, layout, num_frames, take, grid)
 
 
 def autocast(device, dtype: torch.dtype | None):

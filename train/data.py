@@ -13,6 +13,7 @@ import inspect
 
 import torch
 
+from models.layouts import super_grid
 from train.config import ConfigError, datasets_of
 
 
@@ -26,12 +27,13 @@ def import_object(spec: str):
         raise ConfigError(f"cannot import {spec!r} ({e}); check data.loader") from e
 
 
-def build_loader(cfg: dict, dataset: str, split: str, *, layout: str, device, rank: int = 0,
-                 world_size: int = 1, views: tuple[int, int] = (1, 1), batch_size: int | None = None):
+def build_loader(cfg: dict, dataset: str, split: str, *, layout: str, device, grid: tuple[int, int] | None = None,
+                 rank: int = 0, world_size: int = 1, views: tuple[int, int] = (1, 1), batch_size: int | None = None):
     """This rank's loader of one dataset's split; `views=(clips, crops)` per video when evaluating.
 
     The split's name is the split inside the shards unless its options say `split:`; frames are cropped
-    to the model's img_size unless they say `crop_size:`; any other keyword can be overridden the same way.
+    to the model's img_size unless they say `crop_size:`; any other keyword can be overridden the same way,
+    except a super-image grid: that is the model's (`grid`, e.g. model.options.grid for SIFAR).
     """
     spec = datasets_of(cfg)[dataset].get(split) or {}
     if not spec.get("shards"):
@@ -47,6 +49,11 @@ def build_loader(cfg: dict, dataset: str, split: str, *, layout: str, device, ra
     if split != "train":
         kwargs.update(num_clips=views[0], num_crops=views[1])
     kwargs.update({**cfg["data"]["options"], **(spec.get("options") or {})})   # e.g. num_frames: 1 for images
+    if layout == "super" and grid is not None:
+        asked = kwargs.setdefault("grid", f"{grid[0]}x{grid[1]}")
+        if super_grid(kwargs["num_frames"], asked) != tuple(grid):
+            raise ConfigError(f"the data options tile a {asked} grid but the model reads {grid[0]}x{grid[1]}; "
+                              f"set the grid once, as model.options.grid, and drop it from the data options")
     return import_object(cfg["data"]["loader"])(spec["shards"], **kwargs)
 
 

@@ -107,7 +107,8 @@ def permutations(order: str, batch: int, num_frames: int, generator: torch.Gener
 
 
 @torch.no_grad()
-def predict(model, loader, *, device, layout: str, num_frames: int, amp_dtype=None, dataset: str | None = None,
+def predict(model, loader, *, device, layout: str, num_frames: int, grid: tuple[int, int] | None = None,
+            amp_dtype=None, dataset: str | None = None,
             order: str = "normal", seed: int = 0, channels_last: bool = False, progress: bool = False) -> ViewScores:
     """Logits of every view this rank's loader yields, frames optionally reversed or shuffled."""
     model.eval()
@@ -120,7 +121,7 @@ def predict(model, loader, *, device, layout: str, num_frames: int, amp_dtype=No
         x = batch["video"].to(device, non_blocking=True)
         perms = permutations(order, len(x), num_frames, generator)
         if perms is not None:
-            x = reorder(x, layout, num_frames, perms)
+            x = reorder(x, layout, num_frames, perms, grid)
         if channels_last and (fmt := input_memory_format(x, layout)) is not None:
             x = x.contiguous(memory_format=fmt)
         with autocast(device, amp_dtype):

@@ -91,7 +91,8 @@ def build_criterion(aug: dict, mixing: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def mix_clips(mixup: Mixup, x: torch.Tensor, y: torch.Tensor, layout: str, num_frames: int):
+def mix_clips(mixup: Mixup, x: torch.Tensor, y: torch.Tensor, layout: str, num_frames: int,
+              grid: tuple[int, int] | None = None):
     """timm Mixup/CutMix on clips, one CutMix box shared by every frame of a clip.
 
     timm cuts its box from the last two dims of a (B, K, H, W) tensor, so frames and channels are
@@ -115,7 +116,7 @@ def mix_clips(mixup: Mixup, x: torch.Tensor, y: torch.Tensor, layout: str, num_f
         folded, targets = mixup(tiles.reshape(b, t * c, h, w), y)
         return folded.view(b, t, c, h, w)
 
-    return map_frames(x, layout, num_frames, mix), targets
+    return map_frames(x, layout, num_frames, mix, grid), targets
 
 
 # ---------------------------------------------------------------- the trainer
@@ -134,6 +135,7 @@ class Trainer:
         self.save_checkpoint = save_checkpoint
         self.module = ckpt.unwrap(model)
         self.layout, self.num_frames = self.module.layout, self.module.num_frames
+        self.grid = getattr(self.module, "super_grid", None)
         self.multi = bool(cfg["data"]["datasets"])
         self.amp = pick_amp(cfg["train"]["amp"], device)
         self.channels_last = wants_channels_last(cfg["train"]["channels_last"], self.module, device)
@@ -171,7 +173,7 @@ class Trainer:
         if mixup is not None:
             if x.data_ptr() == batch["video"].data_ptr():
                 x = x.clone()   # Mixup works in place; never write into the loader's own tensor
-            x, target = mix_clips(mixup, x, y, self.layout, self.num_frames)
+            x, target = mix_clips(mixup, x, y, self.layout, self.num_frames, self.grid)
         if self.channels_last and (fmt := input_memory_format(x, self.layout)) is not None:
             x = x.contiguous(memory_format=fmt)
         with autocast(self.device, self.amp):
@@ -260,8 +262,8 @@ class Trainer:
         """Clip-level top-1/top-5 on each dataset's validation split (1 view per video)."""
         metrics = {}
         for name, loader in self.val_loaders.items():
-            kw = dict(device=self.device, layout=self.layout, num_frames=self.num_frames, amp_dtype=self.amp,
-                      dataset=name if self.multi else None, channels_last=self.channels_last)
+            kw = dict(device=self.device, layout=self.layout, num_frames=self.num_frames, grid=self.grid,
+                      amp_dtype=self.amp, dataset=name if self.multi else None, channels_last=self.channels_last)
             prefix = f"{name}_" if self.multi else ""
             video = evaluate(self.model, loader, **kw)["normal"]["video"]
             metrics.update({f"{prefix}top1": video["top1"], f"{prefix}top5": video["top5"],
@@ -383,13 +385,14 @@ def setup(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device
     return model, device
 
 
-def build_sources(cfg: dict, layout: str, device, rank: int, world_size: int) -> tuple[list[Source], dict]:
+def build_sources(cfg: dict, layout: str, device, rank: int, world_size: int,
+                  grid: tuple[int, int] | None = None) -> tuple[list[Source], dict]:
     train, val = [], {}
+    kw = dict(layout=layout, grid=grid, device=device, rank=rank, world_size=world_size)
     for i, name in enumerate(datasets_of(cfg)):
-        train.append(Source(name, build_loader(cfg, name, "train", layout=layout, device=device, rank=rank,
-                                               world_size=world_size), cycle=i > 0))
+        train.append(Source(name, build_loader(cfg, name, "train", **kw), cycle=i > 0))
         if cfg["train"]["eval_every"] and (datasets_of(cfg)[name].get("val") or {}).get("shards"):
-            val[name] = build_loader(cfg, name, "val", layout=layout, device=device, rank=rank, world_size=world_size)
+            val[name] = build_loader(cfg, name, "val", **kw)
     return train, val
 
 
@@ -400,12 +403,14 @@ def final_evaluation(cfg: dict, model: nn.Module, device, *, rank: int = 0, worl
     ev = cfg["eval"]
     amp = pick_amp(cfg["train"]["amp"], device)
     multi = bool(cfg["data"]["datasets"])
+    grid = getattr(module, "super_grid", None)
     results = {}
     for name in datasets_of(cfg):
-        loader = build_loader(cfg, name, "val", layout=module.layout, device=device, rank=rank,
+        loader = build_loader(cfg, name, "val", layout=module.layout, grid=grid, device=device, rank=rank,
                               world_size=world_size, views=(ev["clips"], ev["crops"]), batch_size=ev["batch_size"])
         results[name] = evaluate(model, loader, orders=tuple(ev["orders"]), device=device, layout=module.layout,
-                                 num_frames=module.num_frames, amp_dtype=amp, dataset=name if multi else None,
+                                 num_frames=module.num_frames, grid=grid, amp_dtype=amp,
+                                 dataset=name if multi else None,
                                  seed=cfg["seed"], progress=True,
                                  channels_last=wants_channels_last(cfg["train"]["channels_last"], module, device))
     report = {"model": cfg["model"]["name"], "dataset": ", ".join(results), "checkpoint": checkpoint,
@@ -456,7 +461,8 @@ def fit(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device |
                 print(f"resuming from {url}: epoch {resume_state['epoch']}, update {resume_state['updates']}")
     model, device = setup(cfg, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model)
     module = ckpt.unwrap(model)
-    sources, val_loaders = build_sources(cfg, module.layout, device, rank, world_size)
+    sources, val_loaders = build_sources(cfg, module.layout, device, rank, world_size,
+                                         getattr(module, "super_grid", None))
     if save_checkpoint is None:
         def save_checkpoint(state: dict, metrics: dict) -> None:
             if lead:
