@@ -1,4 +1,5 @@
-"""VideoLoader on shards written by the real shard job: coverage, determinism, S3, broken samples."""
+"""VideoLoader on shards written by the real shard job: coverage, determinism, S3, broken samples; on the
+CPU backend and, where a CUDA GPU is visible, on the GPU one (the `device` fixture of conftest.py)."""
 from __future__ import annotations
 
 import shutil
@@ -41,8 +42,8 @@ def shards(tmp_path_factory) -> str:
     return str(root)
 
 
-def load(shards, split="train", **options) -> VideoLoader:
-    return VideoLoader(f"{shards}/shards", split=split, **{"batch_size": 4, **SMALL, **options})
+def load(shards, split="train", device="cpu", **options) -> VideoLoader:
+    return VideoLoader(f"{shards}/shards", split=split, device=device, **{"batch_size": 4, **SMALL, **options})
 
 
 def batches(loader) -> list[dict]:
@@ -55,8 +56,8 @@ def index(shards, split) -> list[dict]:
 
 # ---------------------------------------------------------------- shape of an epoch
 
-def test_train_batches_have_the_layout_and_fields_and_len_is_exact(shards):
-    loader = load(shards, layout="BTCHW")
+def test_train_batches_have_the_layout_and_fields_and_len_is_exact(shards, device):
+    loader = load(shards, device=device, layout="BTCHW")
     got = batches(loader)
     assert len(loader) == len(got) == 24 // 4
     for batch in got:
@@ -66,14 +67,16 @@ def test_train_batches_have_the_layout_and_fields_and_len_is_exact(shards):
     assert sorted(torch.cat([b["video_index"] for b in got]).tolist()) == list(range(24))
 
 
-def test_super_and_channels_first_layouts(shards):
-    assert next(iter(load(shards, layout="super", grid="2x2")))["video"].shape == (4, 3, 128, 128)
-    assert next(iter(load(shards, layout="super", num_frames=8)))["video"].shape == (4, 3, 3 * 64, 3 * 64)
-    assert next(iter(load(shards, layout="BCTHW")))["video"].shape == (4, 3, 4, 64, 64)
+def test_super_and_channels_first_layouts(shards, device):
+    def first(**options):
+        return next(iter(load(shards, device=device, **options)))["video"]
+    assert first(layout="super", grid="2x2").shape == (4, 3, 128, 128)
+    assert first(layout="super", num_frames=8).shape == (4, 3, 3 * 64, 3 * 64)
+    assert first(layout="BCTHW").shape == (4, 3, 4, 64, 64)
 
 
-def test_eval_views_cover_every_clip_and_crop_of_every_video_once(shards):
-    loader = load(shards, "val", mode="eval", num_clips=2, num_crops=3, batch_size=8)
+def test_eval_views_cover_every_clip_and_crop_of_every_video_once(shards, device):
+    loader = load(shards, "val", device=device, mode="eval", num_clips=2, num_crops=3, batch_size=8)
     got = batches(loader)
     assert len(loader) == len(got) == 8 * 6 // 8
     views = [(v, c, k) for b in got for v, c, k, ok in
@@ -81,9 +84,9 @@ def test_eval_views_cover_every_clip_and_crop_of_every_video_once(shards):
     assert sorted(views) == [(v, c, k) for v in range(8) for c in range(2) for k in range(3)]
 
 
-def test_eval_frames_equal_pyav_decode_at_segment_centres(shards):
+def test_eval_frames_equal_pyav_decode_at_segment_centres(shards, device):
     # Three crops of a 160x120 clip with the short side kept: crop 0 is the untouched left 120x120 square.
-    loader = load(shards, "val", mode="eval", num_crops=3, crop_size=120, num_frames=8, **RAW)
+    loader = load(shards, "val", device=device, mode="eval", num_crops=3, crop_size=120, num_frames=8, **RAW)
     batch = next(iter(loader))
     rows = index(shards, "val")
     for video, row, crop in zip(batch["video"], batch["video_index"].tolist(), batch["crop"].tolist()):
@@ -93,22 +96,22 @@ def test_eval_frames_equal_pyav_decode_at_segment_centres(shards):
             tar.seek(rows[row]["offset"])
             data = tar.read(rows[row]["size"])
         want = pyav_frames(data, uniform_indices(rows[row]["num_frames"], 8))[:, :, :120]
-        assert psnr(video.permute(0, 2, 3, 1).numpy(), want) >= 40
+        assert psnr(video.permute(0, 2, 3, 1).cpu().numpy(), want) >= 40
 
 
 # ---------------------------------------------------------------- determinism and distribution
 
-def test_a_seed_fixes_the_epoch(shards):
-    first, again = batches(load(shards, seed=3)), batches(load(shards, seed=3))
+def test_a_seed_fixes_the_epoch(shards, device):
+    first, again = batches(load(shards, device=device, seed=3)), batches(load(shards, device=device, seed=3))
     for a, b in zip(first, again):
         assert a["key"] == b["key"]
         torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
-    other = batches(load(shards, seed=4))
+    other = batches(load(shards, device=device, seed=4))
     assert [a["key"] for a in first] != [b["key"] for b in other]
 
 
-def test_set_epoch_reshuffles_and_redraws_augmentation(shards):
-    loader = load(shards)
+def test_set_epoch_reshuffles_and_redraws_augmentation(shards, device):
+    loader = load(shards, device=device)
     loader.set_epoch(0)
     epoch0 = batches(loader)
     loader.set_epoch(1)
@@ -117,8 +120,8 @@ def test_set_epoch_reshuffles_and_redraws_augmentation(shards):
     assert sorted(k for b in epoch0 for k in b["key"]) == sorted(k for b in epoch1 for k in b["key"])
 
 
-def test_start_batch_resumes_the_epoch_exactly(shards):
-    loader = load(shards)
+def test_start_batch_resumes_the_epoch_exactly(shards, device):
+    loader = load(shards, device=device)
     loader.set_epoch(2)
     full = batches(loader)
     loader.set_epoch(2, start_batch=4)
@@ -129,17 +132,17 @@ def test_start_batch_resumes_the_epoch_exactly(shards):
         torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
 
 
-def test_training_ranks_get_equal_batches_of_disjoint_videos(shards):
-    ranks = [load(shards, batch_size=2, rank=r, world_size=3, seed=1) for r in range(3)]
+def test_training_ranks_get_equal_batches_of_disjoint_videos(shards, device):
+    ranks = [load(shards, device=device, batch_size=2, rank=r, world_size=3, seed=1) for r in range(3)]
     seen = [set(torch.cat([b["video_index"] for b in batches(loader)]).tolist()) for loader in ranks]
     assert [len(loader) for loader in ranks] == [4, 4, 4]
     assert [len(s) for s in seen] == [8, 8, 8] and len(set.union(*seen)) == 24
 
 
-def test_eval_ranks_see_every_video_exactly_once_with_padding_flagged(shards):
+def test_eval_ranks_see_every_video_exactly_once_with_padding_flagged(shards, device):
     # 8 videos over 3 ranks: 3, 3 and 2 videos; batches of 2 -> 2 batches each, the last rank's second
     # batch is all padding.
-    ranks = [load(shards, "val", mode="eval", batch_size=2, rank=r, world_size=3) for r in range(3)]
+    ranks = [load(shards, "val", device=device, mode="eval", batch_size=2, rank=r, world_size=3) for r in range(3)]
     valid, flagged = [], 0
     for loader in ranks:
         got = batches(loader)
@@ -151,7 +154,7 @@ def test_eval_ranks_see_every_video_exactly_once_with_padding_flagged(shards):
 
 # ---------------------------------------------------------------- storage
 
-def test_streams_from_an_s3_bucket_like_from_disk(shards):
+def test_streams_from_an_s3_bucket_like_from_disk(shards, device):
     from moto.server import ThreadedMotoServer
     import s3fs
 
@@ -164,10 +167,11 @@ def test_streams_from_an_s3_bucket_like_from_disk(shards):
         bucket = s3fs.S3FileSystem(**options)
         bucket.call_s3("create_bucket", Bucket="videos")
         bucket.put(f"{shards}/shards/train", "videos/k4/train", recursive=True)
-        remote = batches(VideoLoader("s3://videos/k4", split="train", batch_size=4, storage_options=options, **SMALL))
+        remote = batches(VideoLoader("s3://videos/k4", split="train", batch_size=4, storage_options=options,
+                                     device=device, **SMALL))
     finally:
         server.stop()
-    local = batches(load(shards))
+    local = batches(load(shards, device=device))
     assert [b["key"] for b in remote] == [b["key"] for b in local]
     for a, b in zip(remote, local):
         torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
@@ -187,8 +191,8 @@ class FlakyFileSystem(LocalFileSystem):
         return super().cat_file(path, start=start, end=end, **kwargs)
 
 
-def test_transient_storage_errors_are_retried(shards):
-    loader = load(shards, readers=1)
+def test_transient_storage_errors_are_retried(shards, device):
+    loader = load(shards, device=device, readers=1)
     loader.index.fs = FlakyFileSystem(failures=3)
     loader.reader.backoff_s = 0.01
     assert len(batches(loader)) == len(loader) and loader.failures == []
@@ -208,11 +212,12 @@ def damage(shards, tmp_path, key: str) -> str:
 
 
 @pytest.mark.parametrize("verify, stage", [(True, "verify"), (False, "decode")])
-def test_a_damaged_sample_is_recorded_and_replaced_without_ending_the_epoch(shards, tmp_path, verify, stage):
+def test_a_damaged_sample_is_recorded_and_replaced_without_ending_the_epoch(shards, tmp_path, verify, stage, device):
     """verify=True: the sha256 check in the reader catches it; verify=False: DALI fails to decode the batch,
     which is then run sample by sample to find the culprit."""
     key = index(shards, "train")[5]["key"]
-    loader = VideoLoader(damage(shards, tmp_path, key), split="train", batch_size=4, verify=verify, **SMALL)
+    loader = VideoLoader(damage(shards, tmp_path, key), split="train", batch_size=4, verify=verify, device=device,
+                         **SMALL)
     got = batches(loader)
     assert len(got) == len(loader)
     assert [(f["key"], f["stage"]) for f in loader.failures] == [(key, stage)]
@@ -221,18 +226,19 @@ def test_a_damaged_sample_is_recorded_and_replaced_without_ending_the_epoch(shar
     assert sum((~b["valid"]).sum().item() for b in got) == 1
 
 
-def test_more_failures_than_allowed_end_the_epoch_with_the_reasons(shards, tmp_path):
+def test_more_failures_than_allowed_end_the_epoch_with_the_reasons(shards, tmp_path, device):
     key = index(shards, "train")[0]["key"]
-    loader = VideoLoader(damage(shards, tmp_path, key), split="train", batch_size=4, max_failures=0, **SMALL)
+    loader = VideoLoader(damage(shards, tmp_path, key), split="train", batch_size=4, max_failures=0,
+                         device=device, **SMALL)
     with pytest.raises(LoaderError, match=f"max_failures=0.*{key}"):
         batches(loader)
 
 
 # ---------------------------------------------------------------- images and preview
 
-def test_image_shards_load_as_one_frame_clips(shards):
+def test_image_shards_load_as_one_frame_clips(shards, device):
     loader = VideoLoader(f"{shards}/image_shards", split="train", batch_size=3, num_frames=1, crop_size=48,
-                         train_crop="random_resized_crop")
+                         train_crop="random_resized_crop", device=device)
     got = batches(loader)
     assert len(got) == 2 and all(b["video"].shape == (3, 1, 3, 48, 48) for b in got)
     assert sorted(torch.cat([b["video_index"] for b in got]).tolist()) == list(range(6))

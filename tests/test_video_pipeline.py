@@ -1,4 +1,5 @@
-"""The DALI graph on the CPU, on VP9 videos read out of shards that the shard job wrote."""
+"""The DALI graph on VP9 videos read out of shards that the shard job wrote: on the CPU backend, and on the
+GPU (`mixed`) backend where a CUDA GPU is visible (the `device` fixture of conftest.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -83,44 +84,45 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255 ** 2 / max(mse, 1e-10)))
 
 
-def decoded(rows: list[dict], frames: list[list[int]]) -> list[np.ndarray]:
-    """The pipeline's decode stage alone (no augmentation), CPU backend."""
-    @pipeline_def(batch_size=len(rows), num_threads=2, device_id=None)
+def decoded(rows: list[dict], frames: list[list[int]], device: str = "cpu") -> list[np.ndarray]:
+    """The pipeline's decode stage alone (no augmentation)."""
+    @pipeline_def(batch_size=len(rows), num_threads=2, device_id=0 if device == "gpu" else None)
     def decode_only():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         indices = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-        return decode(encoded, indices, "cpu", "video")
+        return decode(encoded, indices, device, "video")
 
     pipe = decode_only()
     pipe.build()
     pipe.feed_input("encoded", [np.frombuffer(r["data"], np.uint8) for r in rows])
     pipe.feed_input("frames", [np.array(f, np.int32) for f in frames])
     (out,) = pipe.run()
+    out = out.as_cpu()
     return [np.array(out[i]) for i in range(len(rows))]
 
 
-def run(config: PipelineConfig, rows: list[dict], frames, roi, mirror) -> np.ndarray:
-    pipe = build(config, "cpu", batch_size=len(rows), num_threads=2)
+def run(config: PipelineConfig, rows: list[dict], frames, roi, mirror, device: str = "cpu") -> np.ndarray:
+    pipe = build(config, device, batch_size=len(rows), num_threads=2)
     feed(pipe, config, [np.frombuffer(r["data"], np.uint8) for r in rows], frames, roi, mirror)
     (out,) = pipe.run()
-    return np.array(out.as_tensor())
+    return np.array(out.as_cpu().as_tensor())
 
 
-def test_decoded_frames_equal_an_independent_pyav_decode(videos):
+def test_decoded_frames_equal_an_independent_pyav_decode(videos, device):
     frames = [[0, 5, 17, 29, 3], [29, 0, 7, 7, 16], [8, 9, 10, 11, 12]]   # any order, repeats, GOP edges
-    for row, indices, clip in zip(videos, frames, decoded(videos, frames)):
+    for row, indices, clip in zip(videos, frames, decoded(videos, frames, device)):
         assert clip.shape == (5, row["height"], row["width"], 3)
         reference = pyav_frames(row["data"], indices)
         for got, want, i in zip(clip, reference, indices):
             assert psnr(got, want) >= 40, f"{row['key']} frame {i}: {psnr(got, want):.1f} dB"
 
 
-def test_identity_window_gives_the_decoded_frames_normalised_and_flipped(videos):
+def test_identity_window_gives_the_decoded_frames_normalised_and_flipped(videos, device):
     side = min(videos[0]["height"], videos[0]["width"])
     config = PipelineConfig(num_frames=4, crop_size=side, layout="BTCHW", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     frames = [[0, 10, 20, 29]] * 2
-    out = run(config, videos[:2], frames, [(0, 0, side, side)] * 2, [False, True])
-    raw = decoded(videos[:2], frames)
+    out = run(config, videos[:2], frames, [(0, 0, side, side)] * 2, [False, True], device)
+    raw = decoded(videos[:2], frames, device)
     mean, std = np.array(config.mean) * 255, np.array(config.std) * 255
     for k, mirror in enumerate([False, True]):
         want = (raw[k][:, :, :side].astype(np.float32) - mean) / std
@@ -128,53 +130,55 @@ def test_identity_window_gives_the_decoded_frames_normalised_and_flipped(videos)
         np.testing.assert_allclose(out[k], want.transpose(0, 3, 1, 2), atol=1e-4)
 
 
-def test_window_is_cut_out_and_resized_to_the_crop(videos):
+def test_window_is_cut_out_and_resized_to_the_crop(videos, device):
     row, frames = videos[0], [[3, 4]]
     config = PipelineConfig(num_frames=2, crop_size=48, layout="BTCHW", mean=(0, 0, 0), std=(1 / 255,) * 3)
-    out = run(config, [row], frames, [(10, 30, 106, 126)], [False])[0]          # a 96-pixel square, halved
-    region = torch.from_numpy(decoded([row], frames)[0][:, 10:106, 30:126]).permute(0, 3, 1, 2).float()
+    out = run(config, [row], frames, [(10, 30, 106, 126)], [False], device)[0]          # a 96-pixel square, halved
+    region = torch.from_numpy(decoded([row], frames, device)[0][:, 10:106, 30:126]).permute(0, 3, 1, 2).float()
     want = F.interpolate(region, size=(48, 48), mode="bilinear", antialias=True).numpy()
     assert psnr(out, want) >= 35
 
 
 @pytest.mark.parametrize("grid", [None, "2x4", "1x8", "3x3"])
-def test_super_layout_equals_einops_rearrange_of_the_frames(videos, grid):
+def test_super_layout_equals_einops_rearrange_of_the_frames(videos, grid, device):
     frames, roi = [[0, 4, 8, 12, 16, 20, 24, 28]] * 2, [(0, 0, 120, 120), (5, 30, 100, 125)]
-    clips = run(PipelineConfig(num_frames=8, crop_size=32, layout="BTCHW"), videos[:2], frames, roi, [False, True])
+    clips = run(PipelineConfig(num_frames=8, crop_size=32, layout="BTCHW"), videos[:2], frames, roi, [False, True],
+                device)
     tiled = run(PipelineConfig(num_frames=8, crop_size=32, layout="super", grid=grid), videos[:2], frames, roi,
-                [False, True])
+                [False, True], device)
     rows, cols = {None: (3, 3), "2x4": (2, 4), "1x8": (1, 8), "3x3": (3, 3)}[grid]
     padded = np.concatenate([clips, np.zeros((2, rows * cols - 8, 3, 32, 32), np.float32)], axis=1)
     np.testing.assert_array_equal(tiled, rearrange(padded, "b (r c) ch h w -> b ch (r h) (c w)", r=rows, c=cols))
 
 
-def test_channels_first_layout_is_the_clip_transposed(videos):
+def test_channels_first_layout_is_the_clip_transposed(videos, device):
     args = (videos[:2], [[1, 2, 3, 4]] * 2, [(0, 0, 100, 100)] * 2, [False, False])
-    btchw = run(PipelineConfig(num_frames=4, crop_size=40, layout="BTCHW"), *args)
-    bcthw = run(PipelineConfig(num_frames=4, crop_size=40, layout="BCTHW"), *args)
+    btchw = run(PipelineConfig(num_frames=4, crop_size=40, layout="BTCHW"), *args, device)
+    bcthw = run(PipelineConfig(num_frames=4, crop_size=40, layout="BCTHW"), *args, device)
     np.testing.assert_array_equal(bcthw, btchw.transpose(0, 2, 1, 3, 4))
 
 
-def test_images_decode_as_one_frame_clips(tmp_path):
+def test_images_decode_as_one_frame_clips(device):
     rng = np.random.default_rng(0)
     image = (np.linspace(0, 255, 96 * 128 * 3).reshape(96, 128, 3) + rng.normal(0, 5, (96, 128, 3))).clip(0, 255)
     jpeg = torchvision.io.encode_jpeg(torch.from_numpy(image.astype(np.uint8)).permute(2, 0, 1), quality=95)
     data = jpeg.numpy().tobytes()
     config = PipelineConfig(num_frames=1, crop_size=96, layout="BTCHW", media="image", mean=(0, 0, 0),
                             std=(1 / 255,) * 3)
-    pipe = build(config, "cpu", batch_size=1, num_threads=1)
+    pipe = build(config, device, batch_size=1, num_threads=1)
     feed(pipe, config, [np.frombuffer(data, np.uint8)], None, [(0, 16, 96, 112)], [False])
     (out,) = pipe.run()
-    got = np.array(out.as_tensor())[0]
+    got = np.array(out.as_cpu().as_tensor())[0]
     want = torchvision.io.decode_jpeg(jpeg)[:, :, 16:112].numpy()[None].astype(np.float32)
     assert got.shape == (1, 3, 96, 96) and psnr(got, want) >= 40
 
 
-def test_cutting_to_gops_changes_no_decoded_pixel(videos):
+def test_cutting_to_gops_changes_no_decoded_pixel(videos, device):
+    """On the GPU this is also the check that NVDEC takes the repacked (IVF) streams."""
     frames = [[29, 0, 7, 7, 16, 8], [3, 11, 19, 27, 28, 29], [14, 15, 16, 17, 18, 19]]   # repeats, any order
     cuts = [cut(webm_packets(row["data"]), np.array(f)) for row, f in zip(videos, frames)]
-    whole = decoded(videos, frames)
-    trimmed = decoded([{"data": data} for data, _ in cuts], [positions.tolist() for _, positions in cuts])
+    whole = decoded(videos, frames, device)
+    trimmed = decoded([{"data": data} for data, _ in cuts], [positions.tolist() for _, positions in cuts], device)
     for a, b in zip(whole, trimmed):
         np.testing.assert_array_equal(a, b)
 
