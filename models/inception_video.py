@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.inflate import load_pretrained
 from models.registry import register_model
-from models.temporal import (FrameHead, FrameMaxPool2d, TemporalAggregation, TemporalMaxPool, TemporalShift,
-                             check_clip, conv_layer, norm_layer)
+from models.temporal import (ClipClassifier, FrameHead, FrameMaxPool2d, TemporalAggregation, TemporalMaxPool,
+                             TemporalShift, check_clip, conv_layer, norm_layer)
 
 TEMPORAL_KINDS = ("none", "tsm", "tam", "i3d", "s3d")
 # name: (1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5" (a 3x3, as in torchvision), pool projection)
@@ -89,7 +88,7 @@ class Inception(nn.Module):
         return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], self.channel_dim)
 
 
-class VideoInception(nn.Module):
+class VideoInception(ClipClassifier):
     def __init__(self, temporal: str = "none", num_classes: int = 400, temporal_pool: bool = False,
                  width_mult: float = 1.0, dropout: float = 0.5, tsm_fold_div: int = 8):
         super().__init__()
@@ -127,9 +126,7 @@ class VideoInception(nn.Module):
         self.tpool = TemporalMaxPool() if temporal_pool and not self.is_3d else None
         self.num_features = cin
         self.head = FrameHead(cin, num_classes, dropout, self.layout)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.init_convs()
 
     _PLAN = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
              "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
@@ -145,21 +142,7 @@ class VideoInception(nn.Module):
                 x = self.tpool(x)
         return x
 
-    def forward_head(self, x):
-        return self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-
-def build_video_inception(num_classes: int, num_frames: int, img_size: int, pretrained: str | None = None,
-                          **options) -> VideoInception:
-    model = VideoInception(num_classes=num_classes, **options)
-    if pretrained:
-        load_pretrained(model, pretrained)
-    return model
-
 
 for _method, _temporal in {"tsn": "none", "tsm": "tsm", "tam": "tam", "i3d": "i3d", "s3d": "s3d"}.items():
     register_model(f"{_method}_inception", family="cnn", layout="BCTHW" if _temporal in ("i3d", "s3d") else "BTCHW",
-                   temporal=_temporal)(build_video_inception)
+                   temporal=_temporal)(VideoInception.build)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.inflate import load_pretrained
 from models.registry import register_model
-from models.temporal import (FrameHead, FrameMaxPool2d, NonLocal, TemporalAggregation, TemporalMaxPool,
-                             TemporalShift, check_clip, conv_layer, norm_layer, r2plus1d_mid_channels)
+from models.temporal import (ClipClassifier, FrameHead, FrameMaxPool2d, NonLocal, TemporalAggregation,
+                             TemporalMaxPool, TemporalShift, check_clip, conv_layer, norm_layer,
+                             r2plus1d_mid_channels)
 
 TEMPORAL_KINDS = ("none", "tsm", "tam", "3d", "s3d", "r2plus1d")
 TWO_D = ("none", "tsm", "tam")
@@ -123,7 +123,7 @@ def placement_mask(placement: str, blocks_per_stage: tuple[int, ...]) -> list[li
     return mask
 
 
-class VideoResNet(nn.Module):
+class VideoResNet(ClipClassifier):
     def __init__(self, depth: int = 50, temporal: str = "none", num_classes: int = 400, temporal_pool: bool = False,
                  tam_placement: str = "all", non_local: bool = False, width_mult: float = 1.0,
                  dropout: float = 0.5, tsm_fold_div: int = 8):
@@ -167,9 +167,7 @@ class VideoResNet(nn.Module):
         self.tpool = TemporalMaxPool() if temporal_pool and not self.is_3d else None
         self.num_features = cin
         self.head = FrameHead(cin, num_classes, dropout, self.layout)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.init_convs()
 
     def forward_features(self, x):
         check_clip(x, self.layout, type(self).__name__ + f"({self.temporal_kind})")
@@ -179,22 +177,6 @@ class VideoResNet(nn.Module):
             if self.tpool is not None and stage is not self.layer4:
                 x = self.tpool(x)
         return x
-
-    def forward_head(self, x):
-        return self.head(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-
-def build_video_resnet(num_classes: int, num_frames: int, img_size: int, pretrained: str | None = None,
-                       **options) -> VideoResNet:
-    """Registry builder; the clip length and size are free at run time, so `num_frames`/`img_size` only
-    matter to callers (FLOP counts, pipelines)."""
-    model = VideoResNet(num_classes=num_classes, **options)
-    if pretrained:
-        load_pretrained(model, pretrained)
-    return model
 
 
 _METHODS = {"tsn": "none", "tsm": "tsm", "tam": "tam", "i3d": "3d", "r3d": "3d", "s3d": "s3d",
@@ -215,7 +197,7 @@ for _method, _temporal in _METHODS.items():
     for _depth in DEPTHS:
         _name = f"{_method}_r{_depth}"
         register_model(_name, family="cnn", layout="BTCHW" if _temporal in TWO_D else "BCTHW",
-                       paper=_PAPER.get(_name), depth=_depth, temporal=_temporal)(build_video_resnet)
+                       paper=_PAPER.get(_name), depth=_depth, temporal=_temporal)(VideoResNet.build)
 for _depth in (50, 101):
     register_model(f"i3d_r{_depth}_nl", family="cnn", layout="BCTHW", depth=_depth, temporal="3d",
-                   non_local=True)(build_video_resnet)
+                   non_local=True)(VideoResNet.build)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.inflate import load_pretrained
+
 
 class _PerFrame:
     """Mixin: apply a 2D module to every frame of a (B, T, C, H, W) sequence; parameter names stay the 2D ones."""
@@ -183,6 +185,31 @@ class FrameHead(nn.Module):
         feats = feature_map.mean(dim=(-2, -1))
         feats = feats if self.time_first else feats.transpose(1, 2)  # (B, T, C)
         return self.fc(self.dropout(feats)).mean(dim=1)
+
+
+class ClipClassifier(nn.Module):
+    """What the framework's backbones share around their own `forward_features`: He-initialised convs,
+    a `FrameHead` named `head`, timm's features/head split, and the registry builder."""
+
+    def init_convs(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_head(self, x):
+        return self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    @classmethod
+    def build(cls, num_classes: int, num_frames: int, img_size: int, pretrained: str | None = None, **options):
+        """Registry builder; the clip length and size are free at run time, so `num_frames`/`img_size` only
+        matter to callers (FLOP counts, pipelines). 2D checkpoints are inflated where the net is 3D."""
+        model = cls(num_classes=num_classes, **options)
+        if pretrained:
+            load_pretrained(model, pretrained)
+        return model
 
 
 def check_clip(x: torch.Tensor, layout: str, model_name: str) -> None:
