@@ -5,8 +5,8 @@ The classes differ only by motion, and come in pairs that are each other played 
 papers' findings must show up: a temporal model (TSM) is far above chance, a TSN that averages frames
 is not, and reversing the frames turns the temporal model's answers into the paired class. SIFAR sees
 the frames tiled into one image and must learn their order from the tile positions.
-Thresholds below, for 8 classes (chance 12.5 %); measured on 2 CPU cores: TSM 95 % (reversed 0 %),
-TSN 23 % (the same in any order), SIFAR 33 % (reversed 12.5 %).
+Thresholds below, for 8 classes (chance 12.5 %); measured on 2 CPU cores: TSM 95 % (reversed 2 %),
+TSN 23 % (the same in any order), SIFAR 81 % (reversed 0 %; 92 % and 5 % with seed=1).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ CHANCE = 1 / 8
 TSM_MIN = 0.70            # far above chance
 TSN_MAX_VS_TSM = 0.35     # TSN at least this far below TSM
 REVERSAL_DROP = 0.40      # reversing the frames costs the temporal models at least this much
-SIFAR_MIN = 0.25          # twice chance: SIFAR from scratch on 192 clips learns slowest
+SIFAR_MIN = 0.60          # far above chance, though from scratch on 192 clips SIFAR learns slower than TSM
 
 
 @pytest.fixture(scope="module")
@@ -81,4 +81,4 @@ def test_reversing_the_frames_hurts_tsm_but_not_tsn(tsm, tsn):
 
 def test_sifar_learns_from_super_images_and_depends_on_frame_order(sifar):
     assert sifar["normal"] >= SIFAR_MIN, sifar
-    assert sifar["reversed"] <= sifar["normal"] - 0.10, sifar
+    assert sifar["reversed"] <= sifar["normal"] - REVERSAL_DROP, sifar
