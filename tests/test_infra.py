@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -125,3 +126,31 @@ def walk_containers(node):
     elif isinstance(node, list):
         for v in node:
             yield from walk_containers(v)
+
+
+def test_the_gpu_checks_script_parses_and_names_what_exists():
+    """infra/gpu_checks.sh runs only on a lent GPU machine, so its names are checked here, where CI runs."""
+    script = INFRA / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for path in re.findall(r"\b((?:configs|tests|docs|benchmarks)/[\w./-]+\.(?:py|yaml|md))", text):
+        assert (REPO / path).exists(), f"{path} (named in {script.name}) is not in the repo"
+    for module in re.findall(r"-m (benchmarks\.\w+)", text):
+        assert (REPO / module.replace(".", "/")).with_suffix(".py").exists(), f"python -m {module}: no such module"
+
+
+def test_the_gpu_checks_stage_the_ray_the_project_pins():
+    wheels = subprocess.run(["bash", str(INFRA / "gpu_checks.sh"), "--wheels"], capture_output=True, text=True,
+                            check=True).stdout.split()
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray_pin = next(p for p in pins if p.startswith("ray")).split("==")[1]
+    assert f"ray=={ray_pin}" in wheels
+
+
+def test_the_gpu_training_benchmark_recipes_load_with_their_overrides():
+    from train.config import load_config
+    text = (INFRA / "gpu_checks.sh").read_text()
+    recipes = [shlex.split(arg)[0].split() for arg in re.findall(r'--config ("[^"]*"|[^\s)]+)', text)]
+    assert len(recipes) >= 2
+    for recipe, *overrides in recipes:
+        load_config(REPO / recipe, overrides + ["data.batch_size=32"])   # raises on an unknown key
