@@ -19,6 +19,16 @@ DOCKER_INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "WORKDIR", "COPY", "ADD", "U
                        "EXPOSE", "LABEL", "SHELL", "VOLUME", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD"}
 
 
+# A repo file named in a command or script: every one must exist.
+NAMED_FILE = re.compile(r"\b((?:pipelines|configs|infra|benchmarks|shards|tests|docs)/[\w./-]+\.(?:py|yaml|sh|md))")
+
+
+def module_exists(module: str) -> bool:
+    """`python -m module` finds it in this repo (a module file or a package with __main__.py)."""
+    path = REPO / module.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__main__.py").exists()
+
+
 def documents(path: Path) -> list:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
@@ -77,11 +87,10 @@ def test_every_script_recipe_and_module_the_jobs_run_exists():
     runs = commands()
     assert any("shard_kinetics.py" in c for c in runs) and any("-m train fit" in c for c in runs)
     for command in runs:
-        for path in re.findall(r"\b((?:pipelines|configs|infra|benchmarks|shards)/[\w./-]+\.(?:py|yaml|sh))", command):
+        for path in NAMED_FILE.findall(command):
             assert (REPO / path).exists(), f"{path} (in {command!r}) is not in the repo"
         for module in re.findall(r"python -m ([\w.]+)", command):
-            assert (REPO / module.replace(".", "/")).with_suffix(".py").exists() or \
-                (REPO / module.replace(".", "/") / "__main__.py").exists(), f"python -m {module}: no such module"
+            assert module_exists(module), f"python -m {module}: no such module"
 
 
 def test_the_training_job_overrides_only_keys_the_recipe_has():
@@ -133,10 +142,10 @@ def test_the_gpu_checks_script_parses_and_names_what_exists():
     script = INFRA / "gpu_checks.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for path in re.findall(r"\b((?:configs|tests|docs|benchmarks)/[\w./-]+\.(?:py|yaml|md))", text):
+    for path in NAMED_FILE.findall(text):
         assert (REPO / path).exists(), f"{path} (named in {script.name}) is not in the repo"
     for module in re.findall(r"-m (benchmarks\.\w+)", text):
-        assert (REPO / module.replace(".", "/")).with_suffix(".py").exists(), f"python -m {module}: no such module"
+        assert module_exists(module), f"python -m {module}: no such module"
 
 
 def test_the_gpu_checks_stage_the_ray_the_project_pins():
