@@ -27,6 +27,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import av
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.report import write_section
 from models.layouts import to_super_image
 from pipelines.loader import VideoLoader
 from pipelines.sampling import frame_indices, scale_jitter_window
@@ -175,6 +177,11 @@ class GpuMonitor:
         return f"NVDEC {np.mean(dec):.0f} % (max {max(dec):.0f} %), {max(mem):.1f} GiB used"
 
 
+def monitoring(device: str):
+    """NVDEC and memory samples while a GPU run lasts; nothing to sample on the CPU."""
+    return GpuMonitor(torch.cuda.current_device()) if device == "gpu" else contextlib.nullcontext()
+
+
 def endless(loader, make_epoch):
     for epoch in itertools.count():
         yield from make_epoch(loader, epoch)
@@ -269,23 +276,78 @@ def baseline(shards: str, workload: dict, batch_size: int, device: str):
     return endless(loader, epoch)
 
 
-def splice(doc: str, device: str, block: str) -> str:
-    """The doc with this device's section replaced (or added), so a GPU run keeps the CPU figures and back."""
-    begin, end = f"<!-- BEGIN {device} run -->", f"<!-- END {device} run -->"
-    if not doc.startswith(TITLE):
-        doc = TITLE
-    if begin in doc and end in doc:
-        head, tail = doc[:doc.index(begin)], doc[doc.index(end) + len(end):]
-        doc = head.rstrip("\n") + ("\n\n" + tail.strip("\n") if tail.strip() else "")
-    return doc.rstrip("\n") + f"\n\n{begin}\n{block.rstrip()}\n{end}\n"
-
-
 def device_name(device: str) -> str:
     if device == "gpu":
         return f"{torch.cuda.get_device_name()} + {os.cpu_count()} host cores"
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor())
     return f"CPU only: {model}, {os.cpu_count()} cores"
+
+
+def sweep(shards: str, workload: dict, batch_size: int, counts: list[int], args) -> Iterator[str]:
+    """Table rows of VideoLoader clips/s by number of DALI pipelines: each pipeline's decoder drives one
+    NVDEC engine, so this shows how many it takes to fill them (7 on an H100/H200)."""
+    for count in counts:
+        if args.device == "gpu":
+            torch.cuda.empty_cache()                        # what is used during the window is this loader's
+        batches = ours(shards, workload, batch_size, args.device, count)
+        with monitoring(args.device) as monitor:
+            rate = np.median([window(batches, batch_size, args.warmup, args.batches, args.device)[0]
+                              for _ in range(args.rounds)])
+        batches.close()                                     # ends the loader's threads before the next count
+        yield f"| {count} | {rate:.1f} |" + (f" {monitor.summary()} |" if monitor else "")
+
+
+def section(a, rows: list[dict], every_core: list[str], one: list[str], swept: list[str], load: tuple) -> str:
+    """This device's section of the doc, from what has been measured so far."""
+    gpu = a.device == "gpu"
+    sizes = sorted({(r["width"], r["height"]) for r in rows})
+    size = f"{sizes[0][0]}x{sizes[0][1]}" + (f" .. {sizes[-1][0]}x{sizes[-1][1]}" if len(sizes) > 1 else "")
+    lines = [
+        f"## {'GPU' if gpu else 'CPU'} run: `python -m benchmarks.pipeline_throughput"
+        + (" --device gpu" if gpu else "") + "`",
+        "",
+        "The loaders run in one process, in turns, on the same shards.",
+        "",
+        f"- device: {device_name(a.device)}",
+        f"- data: {len(rows)} VP9 videos, {size}, {np.mean([r['num_frames'] for r in rows]):.0f} frames at "
+        f"{rows[0]['fps']:g} fps, GOP {rows[0]['gop']} (the embedded motion dataset sharded by the shard job)",
+        f"- training views: crop {CROP} from a short side jittered in {list(SHORT_SIDE)}, random flip, ImageNet "
+        f"normalisation; batch {a.batch_size}",
+        f"- VideoLoader: device={a.device}, DALI `fn.decoders.video` "
+        f"({'mixed, NVDEC' if gpu else 'cpu, libavcodec'}), {a.num_pipelines or 'default'} pipelines; baseline: "
+        f"PyAV decode (seeking to keyframes) + torch resize/crop/flip/normalise in a DataLoader with "
+        f"{os.cpu_count()} workers",
+        f"- load average (1 min) at the start and end: {load[0]:.1f}, {load[1]:.1f} on {os.cpu_count()} cores",
+        "",
+        "### Every host core",
+        "",
+        f"Median of {a.rounds} windows of {a.batches} batches per loader, taken in turns, each after {a.warmup} "
+        "batches that drain what it prefetched while the others ran. CPU ms/clip is the CPU time of the whole "
+        "process tree (all threads and the DataLoader's workers) per clip delivered. Other jobs share this "
+        "machine, so clips/s depends on them.",
+        "",
+        "| workload | VideoLoader | PyAV + DataLoader | VideoLoader / PyAV |" + (" GPU during VideoLoader |" if gpu else ""),
+        "|---|---|---|---|" + ("---|" if gpu else ""),
+        *every_core,
+        "",
+    ]
+    if one:
+        lines += ["### One core each", "",
+                  "CPU ms per clip with one core's worth of work: VideoLoader with one single-threaded pipeline, the "
+                  "baseline's Dataset and collate in one process. This cost hardly depends on what else runs on the "
+                  "machine; on a dedicated machine the all-core throughputs follow it. \"Whole videos to DALI\" is "
+                  "VideoLoader with `cut_gops=False`: DALI then decodes every frame up to the last one a view needs "
+                  "(it does not seek in in-memory videos; see pipelines/gops.py).", "",
+                  "| workload | VideoLoader | VideoLoader, whole videos to DALI | PyAV + torch | PyAV / VideoLoader |",
+                  "|---|---|---|---|---|", *one, ""]
+    if swept:
+        lines += ["### Pipelines", "",
+                  f"VideoLoader alone on {next(iter(WORKLOADS))} by `num_pipelines` (median of {a.rounds} windows of "
+                  f"{a.batches} batches): one DALI video decoder drives one NVDEC engine.", "",
+                  "| pipelines | clips/s |" + (" GPU |" if gpu else ""), "|---|---|" + ("---|" if gpu else ""),
+                  *swept, ""]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -300,71 +362,42 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=10, help="batches timed per window")
     p.add_argument("--rounds", type=int, default=5, help="alternating windows per loader (the median is reported)")
     p.add_argument("--num-pipelines", type=int, default=None, help="DALI pipelines (NVDEC engines used); default: VideoLoader's")
+    p.add_argument("--sweep-pipelines", type=int, nargs="*", default=[], metavar="N",
+                   help="also measure VideoLoader alone on TSN-8 with each of these numbers of pipelines")
     p.add_argument("--doc", default=str(DOC))
     a = p.parse_args(argv)
     shards = a.shards or sample_shards(Path(a.data), a.videos_per_class)
     rows = pq.read_table(Path(shards) / "train" / "index.parquet").to_pylist()
-    gpu_column = a.device == "gpu"
     load_before = os.getloadavg()[0]
-    every_core = ["| workload | VideoLoader | PyAV + DataLoader | VideoLoader / PyAV |"
-                  + (" GPU during VideoLoader |" if gpu_column else ""),
-                  "|---|---|---|---|" + ("---|" if gpu_column else "")]
+    every_core, one, swept = [], [], []
+
+    def write():   # after every row, so a run stopped by a time limit keeps what it measured
+        block = section(a, rows, every_core, one, swept, (load_before, os.getloadavg()[0]))
+        write_section(a.doc, TITLE, a.device, block)
+
     for name, workload in WORKLOADS.items():
         loaders = {"ours": ours(shards, workload, a.batch_size, a.device, a.num_pipelines),
                    "baseline": baseline(shards, workload, a.batch_size, a.device)}
-        with GpuMonitor(torch.cuda.current_device()) if gpu_column else contextlib.nullcontext() as monitor:
+        with monitoring(a.device) as monitor:
             got = compare(loaders, a.batch_size, a)
+        for batches in loaders.values():
+            batches.close()                                 # frees the pipelines, the workers and their memory
         cells = " | ".join(f"{rate:.1f} clips/s, {cpu:.0f} CPU ms/clip" for rate, cpu in got.values())
-        gpu = f" {monitor.summary()} |" if gpu_column else ""
+        gpu = f" {monitor.summary()} |" if monitor else ""
         every_core.append(f"| {name} | {cells} | {got['ours'][0] / got['baseline'][0]:.2f}x |{gpu}")
         print(every_core[-1], flush=True)
-    one = []
-    if not gpu_column:
-        one = ["### One core each", "",
-               "CPU ms per clip with one core's worth of work: VideoLoader with one single-threaded pipeline, the "
-               "baseline's Dataset and collate in one process. This cost hardly depends on what else runs on the "
-               "machine; on a dedicated machine the all-core throughputs follow it. \"Whole videos to DALI\" is "
-               "VideoLoader with `cut_gops=False`: DALI then decodes every frame up to the last one a view needs "
-               "(it does not seek in in-memory videos; see pipelines/gops.py).", "",
-               "| workload | VideoLoader | VideoLoader, whole videos to DALI | PyAV + torch | PyAV / VideoLoader |",
-               "|---|---|---|---|---|"]
+        write()
+    if a.device == "cpu":
         for name, workload in WORKLOADS.items():
             cost = one_core(shards, workload, a.batch_size, a.rounds + 1)
             one.append(f"| {name} | {cost['ours']:.0f} ms | {cost['whole']:.0f} ms | {cost['baseline']:.0f} ms "
                        f"| {cost['baseline'] / cost['ours']:.2f}x |")
             print(one[-1], flush=True)
-        one.append("")
-    load = (load_before, os.getloadavg()[0])
-    sizes = sorted({(r["width"], r["height"]) for r in rows})
-    size = f"{sizes[0][0]}x{sizes[0][1]}" + (f" .. {sizes[-1][0]}x{sizes[-1][1]}" if len(sizes) > 1 else "")
-    block = "\n".join([
-        f"## {'GPU' if gpu_column else 'CPU'} run: `python -m benchmarks.pipeline_throughput"
-        + (" --device gpu" if gpu_column else "") + "`",
-        "",
-        "The loaders run in one process, in turns, on the same shards.",
-        "",
-        f"- device: {device_name(a.device)}",
-        f"- data: {len(rows)} VP9 videos, {size}, {np.mean([r['num_frames'] for r in rows]):.0f} frames at "
-        f"{rows[0]['fps']:g} fps, GOP {rows[0]['gop']} (the embedded motion dataset sharded by the shard job)",
-        f"- training views: crop {CROP} from a short side jittered in {list(SHORT_SIDE)}, random flip, ImageNet "
-        f"normalisation; batch {a.batch_size}",
-        f"- VideoLoader: device={a.device}, DALI `fn.decoders.video` "
-        f"({'mixed, NVDEC' if gpu_column else 'cpu, libavcodec'}); baseline: PyAV decode (seeking to keyframes) + "
-        f"torch resize/crop/flip/normalise in a DataLoader with {os.cpu_count()} workers",
-        f"- load average (1 min) at the start and end: {load[0]:.1f}, {load[1]:.1f} on {os.cpu_count()} cores",
-        "",
-        "### Every host core",
-        "",
-        f"Median of {a.rounds} windows of {a.batches} batches per loader, taken in turns, each after {a.warmup} "
-        "batches that drain what it prefetched while the others ran. CPU ms/clip is the CPU time of the whole "
-        "process tree (all threads and the DataLoader's workers) per clip delivered. Other jobs share this "
-        "machine, so clips/s depends on them.",
-        "",
-        *every_core,
-        "",
-        *one,
-    ])
-    Path(a.doc).write_text(splice(Path(a.doc).read_text() if Path(a.doc).exists() else "", a.device, block))
+            write()
+    for row in sweep(shards, next(iter(WORKLOADS.values())), a.batch_size, a.sweep_pipelines, a):
+        swept.append(row)
+        print(row, flush=True)
+        write()
     print(f"wrote {a.doc}")
 
 

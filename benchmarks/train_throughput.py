@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import write_section
 from train.checkpoint import unwrap
 from train.config import load_config
 from train.data import Source, build_loader
@@ -113,15 +114,21 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def table(rows: list[dict], device: str, command: str, load: tuple[float, float]) -> str:
-    lines = ["# Training throughput: real loader vs. the compute ceiling", "",
-             "Measured by `benchmarks/train_throughput.py` in one run: the same model and training step",
-             "(augmentation, autocast, backward, optimizer update) fed by `VideoLoader` streaming the shards,",
-             "then fed batches made beforehand and held on the device (the ceiling), in alternating windows",
-             "(medians reported). *data wait* is the share of wall time the step spent waiting in `next(batch)`.",
-             "A loader that keeps up but shares the machine with the step (CPU decoding threads taking cores, its",
-             "Python threads taking the GIL) shows little data wait and a loader / ceiling ratio below 1; a loader",
-             "that cannot keep up shows the wait itself. Each recipe runs in a fresh process.", "",
+TITLE = """# Training throughput: real loader vs. the compute ceiling
+
+Measured by `benchmarks/train_throughput.py` in one run: the same model and training step
+(augmentation, autocast, backward, optimizer update) fed by `VideoLoader` streaming the shards,
+then fed batches made beforehand and held on the device (the ceiling), in alternating windows
+(medians reported). *data wait* is the share of wall time the step spent waiting in `next(batch)`.
+A loader that keeps up but shares the machine with the step (CPU decoding threads taking cores, its
+Python threads taking the GIL) shows little data wait and a loader / ceiling ratio below 1; a loader
+that cannot keep up shows the wait itself. Each recipe runs in a fresh process. Each device has its
+own section, rewritten by a run there.
+"""
+
+
+def section(rows: list[dict], device: str, command: str, load: tuple[float, float]) -> str:
+    lines = [f"## {'GPU' if device.startswith('cuda') else 'CPU'} run", "",
              f"Device: {device_name(device)}; {time.strftime('%Y-%m-%d')}; 1-minute load average "
              f"{load[0]:.1f} at the start, {load[1]:.1f} at the end (other work on a shared machine makes CPU "
              "figures noisy; the alternating windows spread that noise over both columns).", "",
@@ -144,9 +151,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--updates", type=int, default=10, help="measured updates per window")
     p.add_argument("--warmup", type=int, default=3, help="updates before measuring (allocator, cudnn, loader fill)")
     p.add_argument("--repeats", type=int, default=3, help="alternating loader/ceiling windows; medians reported")
-    p.add_argument("--out", default=str(OUT), help="markdown table to write")
+    p.add_argument("--out", default=str(OUT), help="markdown doc whose section for this device is rewritten")
     args = p.parse_args(argv)
     rows, load_before = [], os.getloadavg()[0]
+    command = "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv)
+    section_name = "gpu" if args.device.startswith("cuda") else "cpu"
     for spec in args.config:
         recipe, *own = shlex.split(spec)
         cfg = load_config(recipe, [*args.overrides, *own, f"train.device={args.device}"])
@@ -156,8 +165,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{row['recipe']}: loader {row['loader_clips_s']:.1f} clips/s (data wait {100 * row['data_wait']:.0f} %),"
               f" ceiling {row['ceiling_clips_s']:.1f} clips/s, ratio {row['ratio']:.2f}", flush=True)
         rows.append(row)
-    command = "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv)
-    Path(args.out).write_text(table(rows, args.device, command, (load_before, os.getloadavg()[0])))
+        # after every recipe, so a run stopped by a time limit keeps what it measured
+        write_section(args.out, TITLE, section_name, section(rows, args.device, command,
+                                                             (load_before, os.getloadavg()[0])))
     print(f"wrote {args.out}")
     return rows
 

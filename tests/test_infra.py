@@ -1,9 +1,11 @@
 """infra/: the files parse, and every script, recipe, module and image they name exists in this repo."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -148,12 +150,41 @@ def test_the_gpu_checks_script_parses_and_names_what_exists():
         assert module_exists(module), f"python -m {module}: no such module"
 
 
-def test_the_gpu_checks_stage_the_ray_the_project_pins():
+def test_the_gpu_checks_stage_the_ray_and_timm_the_project_pins():
     wheels = subprocess.run(["bash", str(INFRA / "gpu_checks.sh"), "--wheels"], capture_output=True, text=True,
                             check=True).stdout.split()
-    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    ray_pin = next(p for p in pins if p.startswith("ray")).split("==")[1]
-    assert f"ray=={ray_pin}" in wheels
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {name.split("[")[0]: version for name, version in (d.split("==") for d in dependencies if "==" in d)}
+    for name in ("ray", "timm"):
+        assert f"{name}=={pins[name]}" in wheels
+
+
+def gpu_image_python(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` with the modules the GPU machine's image lacks hidden, as in a rehearsal."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(INFRA / "gpu_image"), str(REPO), str(REPO / "tests")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_the_gpu_image_rehearsal_hides_what_the_gpu_machine_lacks():
+    hidden = gpu_image_python("import importlib.util as u; assert u.find_spec('s3fs') is None; import s3fs")
+    assert "No module named 's3fs' (not on the GPU machine's image)" in hidden.stderr
+
+
+def test_what_the_gpu_checks_run_imports_with_only_the_gpu_machines_packages():
+    """A top-level import of a package only `make install` brings (s3fs, pydantic, ...) would end the
+    checks on the lent machine; here it fails in CI instead."""
+    done = gpu_image_python("import benchmarks.pipeline_throughput, benchmarks.train_throughput, train.loop, "
+                            "test_video_pipeline, test_loader; print('imported')")
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_gpu_checks_start_no_step_once_their_budget_is_spent(tmp_path):
+    env = {**os.environ, "GPU_CHECKS_DEVICE": "cpu", "GPU_CHECKS_BUDGET": "0", "OUT": str(tmp_path),
+           "BENCH_DATA": str(tmp_path / "bench")}
+    run = subprocess.run(["bash", str(INFRA / "gpu_checks.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1
+    assert "== tests: skipped" in run.stdout and "== pipeline_throughput: skipped" in run.stdout
+    assert not (tmp_path / "bench").exists()
 
 
 def test_the_gpu_training_benchmark_recipes_load_with_their_overrides():
