@@ -19,7 +19,9 @@ Three stages run concurrently, in threads (the heavy work releases the GIL: stor
 A sample that cannot be read or decoded is recorded in `loader.failures` with its reason and replaced by a
 copy of a good sample of the same batch, flagged `valid=False`; more than `max_failures` in one epoch
 raise `LoaderError`. DALI reports a decode error for the batch, not the sample, so a failed batch is run
-again one sample at a time on a rebuilt pipeline to find the culprit.
+again one sample at a time on a rebuilt pipeline to find the culprit. A GOP cut that the decoder rejects
+while the whole video decodes is not the sample's fault: that sample is decoded whole, and the loader
+stops cutting (`cut_gops` turns False, with a warning), so an optimisation never costs a sample.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import math
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -60,6 +63,7 @@ class View:
     frames: np.ndarray | None      # indices into `data` (which may be cut to GOPs); None for images
     roi: tuple[float, float, float, float]
     mirror: bool
+    whole: tuple[bytes, np.ndarray] | None = None   # the uncut bytes and frames, when `data` is a GOP cut
 
     @property
     def ok(self) -> bool:
@@ -109,8 +113,8 @@ class VideoLoader:
         self.shuffle_buffer, self.prefetch, self.max_failures = shuffle_buffer, prefetch, max_failures
         self.cut_gops = cut_gops
         # GPU: a pipeline's decoder feeds one NVDEC engine and an H100 has 7, so run several. CPU: a pipeline
-        # per core up to 4 (measured on 2 cores: 2 pipelines x 1 thread deliver more than 1 x 2, which waits
-        # for the slowest sample of each batch), the cores shared out as DALI threads.
+        # per core up to 4, the cores shared out as DALI threads (on 2 cores, 1 x 2, 2 x 1 and 4 x 1 deliver
+        # within 5 % of each other: docs/pipeline_throughput.md).
         cores = os.cpu_count() or 1
         self.num_pipelines = num_pipelines or (4 if device == "gpu" else min(4, cores))
         self.num_threads = num_threads or (4 if device == "gpu" else max(1, cores // self.num_pipelines))
@@ -240,7 +244,8 @@ class VideoLoader:
     @staticmethod
     def _view(row, clip, crop, data, packets, frames, roi, mirror) -> View:
         if packets is not None and frames.max() < len(packets.spans):
-            data, frames = cut(packets, frames)  # decode only the GOPs these frames sit in (see gops.py)
+            # decode only the GOPs these frames sit in (see gops.py)
+            return View(row, clip, crop, True, *cut(packets, frames), roi, mirror, whole=(data, frames))
         return View(row, clip, crop, True, data, frames, roi, mirror)
 
     def _train_window(self, h: int, w: int, rng: np.random.Generator):
@@ -324,7 +329,7 @@ class VideoLoader:
         outputs = []
         for view in batch:
             try:
-                outputs.append(self._decode(self._pipes[p], [view], stream))
+                outputs.append(self._decode_view(p, view, stream))
             except RuntimeError as e:
                 self._pipes[p] = self._build()
                 self._record(view.row, SampleError("decode", _dali_reason(e)))
@@ -335,6 +340,22 @@ class VideoLoader:
         fixed = [view if out is not None else dataclasses.replace(batch[good[-1]], valid=False)
                  for view, out in zip(batch, outputs)]
         return fixed, torch.cat([out if out is not None else outputs[good[-1]] for out in outputs])
+
+    def _decode_view(self, p: int, view: View, stream) -> torch.Tensor:
+        """One view; if its GOP cut is rejected, the whole video, and no more cuts if that decodes."""
+        try:
+            return self._decode(self._pipes[p], [view], stream)
+        except RuntimeError as e:
+            if view.whole is None:
+                raise
+            self._pipes[p] = self._build()
+            data, frames = view.whole
+            out = self._decode(self._pipes[p], [dataclasses.replace(view, data=data, frames=frames)], stream)
+            if self.cut_gops:
+                self.cut_gops = False
+                warnings.warn(f"the {self.device} video decoder rejected a GOP-cut stream that it decodes whole "
+                              f"({_dali_reason(e)}); decoding whole videos from now on (cut_gops=False)")
+            return out
 
 
 _RUNNING: set = set()   # (stop event, threads) of epochs being iterated

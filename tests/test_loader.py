@@ -12,6 +12,7 @@ import torchvision
 from fsspec.implementations.local import LocalFileSystem
 from test_video_pipeline import loopback_ray, psnr, pyav_frames, run_shard_job
 
+from pipelines import loader as loader_module
 from pipelines import preview
 from pipelines.loader import LoaderError, VideoLoader
 from pipelines.sampling import uniform_indices
@@ -232,6 +233,20 @@ def test_more_failures_than_allowed_end_the_epoch_with_the_reasons(shards, tmp_p
                          device=device, **SMALL)
     with pytest.raises(LoaderError, match=f"max_failures=0.*{key}"):
         batches(loader)
+
+
+def test_a_gop_cut_the_decoder_rejects_is_decoded_whole_and_cutting_stops(shards, device, monkeypatch):
+    """The GOP cut (pipelines/gops.py) is an optimisation: were a decoder to refuse its streams (NVDEC has
+    not been tried on them yet), the epoch must be the one a loader without the cut delivers."""
+    whole = batches(load(shards, device=device, cut_gops=False))
+    monkeypatch.setattr(loader_module, "cut", lambda packets, frames: (bytes(512), frames))
+    loader = load(shards, device=device)
+    with pytest.warns(UserWarning, match="rejected a GOP-cut stream"):
+        got = batches(loader)
+    assert loader.failures == [] and loader.cut_gops is False
+    assert [a["key"] for a in whole] == [b["key"] for b in got]
+    for a, b in zip(whole, got):
+        torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- images and preview
