@@ -78,6 +78,19 @@ def test_the_dockerfile_has_only_known_instructions_starts_from_a_base_and_copie
                 assert (REPO / source).exists(), f"COPY {source}: not in the repo"
 
 
+def test_the_image_installs_every_dependency_with_the_projects_pins_and_copies_every_package():
+    """The Dockerfile installs dependencies before the code (a cached layer), so it lists them again; a pin
+    bumped in pyproject.toml alone would give the cluster other versions than the tests ran with."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    specs = {word.strip("'\"") for name, args in dockerfile_instructions() if name == "RUN"
+             for command in args.split("&&") if "pip install" in command for word in shlex.split(command)}
+    missing = [d for d in project["project"]["dependencies"] if d not in specs]
+    assert not missing, f"infra/Dockerfile does not install {missing} as pyproject.toml pins them"
+    copied = {shlex.split(args)[0] for name, args in dockerfile_instructions() if name == "COPY"}
+    packages = {pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= copied
+
+
 def test_the_image_every_file_names_is_the_one_build_image_sh_builds_from_the_dockerfile():
     script = (INFRA / "build_image.sh").read_text()
     assert "-f infra/Dockerfile" in script and 'vidscale:${VERSION}' in script
