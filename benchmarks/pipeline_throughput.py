@@ -284,15 +284,15 @@ def device_name(device: str) -> str:
     return f"CPU only: {model}, {os.cpu_count()} cores"
 
 
-def sweep(shards: str, workload: dict, batch_size: int, counts: list[int], args) -> Iterator[str]:
-    """Table rows of VideoLoader clips/s by number of DALI pipelines: each pipeline's decoder drives one
-    NVDEC engine, so this shows how many it takes to fill them (7 on an H100/H200)."""
-    for count in counts:
+def sweep(shards: str, workload: dict, args) -> Iterator[str]:
+    """Table rows of VideoLoader clips/s for each number of DALI pipelines in --sweep-pipelines: each
+    pipeline's decoder drives one NVDEC engine, so this shows how many it takes to fill them (7 on an H100/H200)."""
+    for count in args.sweep_pipelines:
         if args.device == "gpu":
             torch.cuda.empty_cache()                        # what is used during the window is this loader's
-        batches = ours(shards, workload, batch_size, args.device, count)
+        batches = ours(shards, workload, args.batch_size, args.device, count)
         with monitoring(args.device) as monitor:
-            rate = np.median([window(batches, batch_size, args.warmup, args.batches, args.device)[0]
+            rate = np.median([window(batches, args.batch_size, args.warmup, args.batches, args.device)[0]
                               for _ in range(args.rounds)])
         batches.close()                                     # ends the loader's threads before the next count
         yield f"| {count} | {rate:.1f} |" + (f" {monitor.summary()} |" if monitor else "")
@@ -394,7 +394,7 @@ def main(argv=None) -> None:
                        f"| {cost['baseline'] / cost['ours']:.2f}x |")
             print(one[-1], flush=True)
             write()
-    for row in sweep(shards, next(iter(WORKLOADS.values())), a.batch_size, a.sweep_pipelines, a):
+    for row in sweep(shards, next(iter(WORKLOADS.values())), a):
         swept.append(row)
         print(row, flush=True)
         write()
