@@ -16,7 +16,7 @@ from einops import rearrange
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.gops import cut, webm_packets
-from pipelines.video_pipeline import PipelineConfig, build, decode, feed
+from pipelines.video_pipeline import PipelineConfig, build, decode, feed, video_pipeline
 from shards.job import JobConfig, run_job, transcode_options
 from shards.sample_dataset import make_sample_dataset
 
@@ -197,3 +197,26 @@ def test_a_grid_too_small_for_the_clip_is_refused_with_the_fix():
         PipelineConfig(num_frames=8, layout="super", grid="2x3")
     with pytest.raises(ValueError, match="num_frames=1"):
         PipelineConfig(num_frames=8, media="image")
+
+
+def placement(config: PipelineConfig, device: str) -> list[tuple[str, str]]:
+    """(operator, backend) of each node of the graph, as DALI's Python front end places them.
+
+    That front end checks every argument against the operator's schema and every input against the
+    devices the operator accepts; only instantiating the graph needs CUDA. So on a machine without a GPU
+    this still checks the device="gpu" graph (DALI 2.4: `_build_graph` is the first half of `build`)."""
+    pipe = video_pipeline(config, device, batch_size=2, num_threads=1, device_id=0 if device == "gpu" else None)
+    pipe._build_graph()
+    return [(op._op._operator_name().removeprefix("nvidia.dali.fn."), op._op.device) for op in pipe._ops]
+
+
+@pytest.mark.parametrize("media, layout", [("video", "BTCHW"), ("video", "BCTHW"), ("video", "super"),
+                                           ("image", "BTCHW")])
+def test_the_gpu_graph_decodes_on_the_gpu_and_keeps_every_pixel_there(media, layout):
+    config = PipelineConfig(num_frames=8 if media == "video" else 1, layout=layout, media=media)
+    gpu, cpu = placement(config, "gpu"), placement(config, "cpu")
+    assert [name for name, _ in gpu] == [name for name, _ in cpu]          # one definition, two devices
+    assert ("decoders." + media, "mixed") in gpu                             # NVDEC, nvJPEG
+    on_host = {name for name, backend in gpu if backend == "cpu"}
+    assert on_host == {"external_source", "_tensor_subscript"}               # the fed inputs and their slices
+    assert gpu[-1][1] == "gpu" and all(backend == "cpu" for _, backend in cpu)
