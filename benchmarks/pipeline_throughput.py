@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.report import write_section
+from contract.inputs import IMAGENET_MEAN, IMAGENET_STD
 from models.layouts import to_super_image
 from pipelines.loader import VideoLoader
 from pipelines.sampling import frame_indices, scale_jitter_window
-from pipelines.video_pipeline import IMAGENET_MEAN, IMAGENET_STD
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "pipeline_throughput.md"
 WORKLOADS = {

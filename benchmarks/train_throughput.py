@@ -84,7 +84,7 @@ def bench(cfg: dict, updates: int, warmup: int, repeats: int) -> dict:
     on a shared machine hits both sides alike."""
     model, device = setup(cfg)
     module = unwrap(model)
-    kw = dict(layout=module.layout, grid=getattr(module, "super_grid", None), device=device)
+    kw = dict(contract=module.contract, device=device)
     loader = build_loader(cfg, cfg["data"]["name"], "train", **kw)
     streamed = Trainer(cfg, model, [Source(cfg["data"]["name"], loader, cycle=True)], device=device)
     own = build_loader(cfg, cfg["data"]["name"], "train", **kw)   # not shared

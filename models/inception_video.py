@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from contract.inputs import INCEPTION_MEAN, INCEPTION_STD
 from models.registry import register_model
 from models.temporal import (ClipClassifier, FrameHead, FrameMaxPool2d, TemporalAggregation, TemporalMaxPool,
                              TemporalShift, check_clip, conv_layer, norm_layer)
@@ -145,4 +146,4 @@ class VideoInception(ClipClassifier):
 
 for _method, _temporal in {"tsn": "none", "tsm": "tsm", "tam": "tam", "i3d": "i3d", "s3d": "s3d"}.items():
     register_model(f"{_method}_inception", family="cnn", layout="BCTHW" if _temporal in ("i3d", "s3d") else "BTCHW",
-                   temporal=_temporal)(VideoInception.build)
+                   mean=INCEPTION_MEAN, std=INCEPTION_STD, temporal=_temporal)(VideoInception.build)

@@ -1,30 +1,14 @@
-"""Tensor layouts shared by the data pipelines and the models: the SIFAR super-image grid rule.
+"""Super images in torch: SIFAR tiles clips given as frame sequences, training untiles them for Mixup.
 
-It lives here, at the end of the data flow, so the pipelines (which tile on device) and SIFAR
-(which tiles clips given as frame sequences) follow one rule.
+The grid rule itself is part of the input contract (`contract.inputs.super_grid`), which the pipelines
+follow when they tile on device.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from einops import rearrange
 
-
-def super_grid(num_frames: int, grid: str | tuple[int, int] | None = None) -> tuple[int, int]:
-    """(rows, cols) of the super image for `num_frames` frames.
-
-    SIFAR's rule: m = ceil(sqrt(T)); (m-1) x m when T <= (m-1)m, else m x m, so 8 -> 3x3,
-    12 -> 3x4, 14 and 16 -> 4x4. An explicit grid ("2x4" or (2, 4)) overrides it.
-    """
-    if grid is not None:
-        rows, cols = (int(v) for v in grid.lower().split("x")) if isinstance(grid, str) else grid
-        if rows * cols < num_frames:
-            raise ValueError(f"grid {rows}x{cols} holds {rows * cols} tiles, fewer than the {num_frames} frames; "
-                             f"use at least {num_frames} tiles or leave the grid to the SIFAR rule")
-        return rows, cols
-    m = math.ceil(math.sqrt(num_frames))
-    return (m - 1, m) if num_frames <= (m - 1) * m else (m, m)
+from contract.inputs import super_grid
 
 
 def to_super_image(frames: torch.Tensor, grid: str | tuple[int, int] | None = None) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """Named model configs, timm-style: each family file registers builders; `build` is the one entry point.
 
-A model declares the tensor layout it consumes so the data pipeline can be configured from the model:
-  "BTCHW"  frames as a sequence (2D CNNs with temporal modules, ViTs),
-  "BCTHW"  channels-first clips (3D CNNs),
-  "super"  one super image per clip, (B, C, rows*H, cols*W) (SIFAR).
+A config declares the tensor layout it consumes (`contract.inputs.LAYOUTS`) and the normalisation its
+weights expect; `build` turns those, the frames and the image size into `model.contract`, from which
+the data pipeline is configured.
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-LAYOUTS = ("BTCHW", "BCTHW", "super")
+from contract.inputs import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, InputContract
 
 
 @dataclass(frozen=True)
@@ -25,20 +24,28 @@ class ModelSpec:
     # The paper's own figures for this config, e.g. {"gflops": 138, "params_m": 87, "frames": 8,
     # "img_size": 224, "source": "SIFAR Table 2"}; `models.describe` prints ours beside them.
     paper: dict = field(default_factory=dict)
+    mean: tuple[float, float, float] = IMAGENET_MEAN   # the normalisation the config's weights expect
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, family: str, layout: str, paper: dict | None = None, **defaults):
-    """Register `builder(num_classes, num_frames, img_size, pretrained, **options)` under `name`."""
+def register_model(name: str, *, family: str, layout: str, paper: dict | None = None,
+                   mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
+                   **defaults):
+    """Register `builder(num_classes, num_frames, img_size, pretrained, **options)` under `name`.
+
+    A model of the "super" layout says which grid it tiles as `model.super_grid` (rows, cols).
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"model {name!r}: layout must be one of {LAYOUTS}, got {layout!r}")
 
     def decorator(builder):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelSpec(name, family, layout, builder, dict(defaults), dict(paper or {}))
+        _REGISTRY[name] = ModelSpec(name, family, layout, builder, dict(defaults), dict(paper or {}),
+                                    tuple(mean), tuple(std))
         return builder
 
     return decorator
@@ -73,6 +80,9 @@ def build(name: str, num_classes: int, num_frames: int | None = None, img_size: 
     model.layout = getattr(model, "layout", spec.layout)
     model.num_frames = num_frames
     model.model_name = name
+    model.contract = InputContract(layout=model.layout, num_frames=num_frames, crop_size=img_size,
+                                   grid=model.super_grid if model.layout == "super" else None,
+                                   mean=spec.mean, std=spec.std)
     return model
 
 

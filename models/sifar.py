@@ -25,7 +25,8 @@ from timm.models.resnet import Bottleneck
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from models.layouts import super_grid, to_super_image
+from contract.inputs import super_grid
+from models.layouts import to_super_image
 from models.registry import register_model
 from models.weights import adapt_swin, load_pretrained
 

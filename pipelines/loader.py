@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from contract.inputs import IMAGENET_MEAN, IMAGENET_STD
 from pipelines import video_pipeline as vp
 from pipelines.gops import cut, webm_packets
 from pipelines.sampling import (TSN_SCALES, eval_views, eval_window, frame_indices, random_resized_crop_window,
@@ -84,7 +85,7 @@ class VideoLoader:
                  num_crops: int = 1, crop_size: int = 224, train_crop: str = "scale_jitter",
                  short_side: tuple[int, int] = (256, 320), test_short_side: int | None = None,
                  tsn_scales: tuple[float, ...] = TSN_SCALES, flip: bool = True,
-                 mean: tuple[float, ...] = vp.IMAGENET_MEAN, std: tuple[float, ...] = vp.IMAGENET_STD,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                  layout: str = "BTCHW", grid: str | None = None, device: str = "cpu", device_id: int = 0,
                  rank: int = 0, world_size: int = 1, seed: int = 0, storage_options: dict | None = None,
                  readers: int = 8, shuffle_buffer: int = 64, num_threads: int | None = None,

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 INDEX_FILE = "index.parquet"
+CLASSES_FILE = "classes.txt"
 _COLUMNS = ("key", "label", "label_name", "shard", "offset", "size", "ext", "num_frames", "width", "height", "sha256")
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
@@ -66,6 +67,15 @@ class ShardIndex:
                              f"(see failures.parquet beside the split folders)")
         self.columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in _COLUMNS}
         self.keys = self.columns["key"]
+        self.class_names = self._read_classes()
+
+    def _read_classes(self) -> tuple[str, ...] | None:
+        """The shard job's classes.txt beside the split folders (line i names label i); None without one."""
+        path = posixpath.join(self.root, CLASSES_FILE)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return tuple(line.strip() for line in f.read().decode("utf-8").splitlines() if line.strip())
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -22,11 +22,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from models.layouts import super_grid
-from models.registry import LAYOUTS
+from contract.inputs import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, super_grid
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _SEQUENCE_LAYOUT = {"BTCHW": "FCHW", "BCTHW": "CFHW", "super": "FCHW"}
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from train_support import SkippingLoader, SyntheticLoader, tiny_config
 
+from contract import checkpoints
 from train import checkpoint as ckpt
 from train.data import Source
 from train.loop import fit
@@ -29,7 +30,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def final_state(run_dir) -> dict:
-    return ckpt.load(ckpt.CheckpointStore(f"{run_dir}/checkpoints").latest())
+    return checkpoints.load(checkpoints.CheckpointStore(f"{run_dir}/checkpoints").latest())
 
 
 def test_a_stopped_and_resumed_run_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
@@ -61,7 +62,7 @@ def test_checkpoints_go_to_an_s3_bucket_and_a_run_resumes_from_there(tmp_path, m
         s3fs.S3FileSystem(skip_instance_cache=True).call_s3("create_bucket", Bucket="runs")
         bucket = {"run": {"storage": "s3://runs/tiny/checkpoints"}}
         stopped = fit(tiny_config(tmp_path, **{**RECIPE, **bucket, "train": {**RECIPE["train"], "max_updates": 3}}))
-        names = ckpt.CheckpointStore("s3://runs/tiny/checkpoints").names()
+        names = checkpoints.CheckpointStore("s3://runs/tiny/checkpoints").names()
         assert names == ["epoch0000-update00000002.pt"]
         resumed = fit(tiny_config(tmp_path, **{**RECIPE, "run": {**bucket["run"], "resume": "auto"}}))
     finally:
@@ -73,25 +74,25 @@ def test_checkpoints_go_to_an_s3_bucket_and_a_run_resumes_from_there(tmp_path, m
 
 
 def test_the_store_keeps_the_newest_checkpoints_and_points_at_the_latest(tmp_path):
-    store = ckpt.CheckpointStore(str(tmp_path / "ckpt"), keep=2)
+    store = checkpoints.CheckpointStore(str(tmp_path / "ckpt"), keep=2)
     for update in (1, 2, 3):
         store.save({"epoch": 0, "updates": update, "weights": torch.full((2,), float(update))})
     assert store.names() == ["epoch0000-update00000002.pt", "epoch0000-update00000003.pt"]
     assert store.latest().endswith("epoch0000-update00000003.pt")
-    assert torch.equal(ckpt.load(store.latest())["weights"], torch.full((2,), 3.0))
+    assert torch.equal(checkpoints.load(store.latest())["weights"], torch.full((2,), 3.0))
     (tmp_path / "ckpt" / "latest").unlink()   # a lost pointer: the newest complete file still counts
     assert store.latest().endswith("update00000003.pt")
 
 
 def test_a_missing_checkpoint_is_an_error_that_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
-        ckpt.load(str(tmp_path / "nothing.pt"))
+        checkpoints.load(str(tmp_path / "nothing.pt"))
 
 
 def test_fine_tuning_takes_the_matching_weights_and_names_the_rest(tmp_path):
     """Progressive fine-tuning (8 -> 16 frames) and a new label set: what fits is taken, the head is not."""
     first = fit(tiny_config(tmp_path / "f8", sched={"epochs": 1}, train={"eval_every": 0}, eval={"at_end": False}))
-    source = ckpt.CheckpointStore(f"{first['run_dir']}/checkpoints").latest()
+    source = checkpoints.CheckpointStore(f"{first['run_dir']}/checkpoints").latest()
     cfg = tiny_config(tmp_path / "f16", model={"num_frames": 16, "num_classes": 6}, init_from=source,
                       sched={"epochs": 1}, train={"max_updates": 1}, eval={"at_end": False})
     from train.loop import build_model

@@ -66,7 +66,7 @@ def test_train_demo_submits_a_recipe_that_trains_on_two_ray_workers_and_evaluate
     report = json.loads((run / "eval_report.json").read_text())["results"]["main"]
     assert report["normal"]["video"]["count"] == report["reversed"]["video"]["count"] == 4   # every val video once
     checkpoints = sorted((run / "ray" / run.name).glob("checkpoint_*/state.pt"))
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2                  # two data-parallel ranks
     assert (state["epoch"], state["updates"]) == (2, 6)                          # 12 clips / 2 ranks / 2 per batch
     assert not processes_mentioning(f"--gcs_server_port={env['RAY_PORT']}"), "the demo left its Ray head running"

@@ -59,7 +59,7 @@ def ray_config(tmp_path, max_failures: int = 0, **extra):
 
 
 def state_in(fs, checkpoint_path: str) -> dict:
-    return torch.load(io.BytesIO(fs.cat_file(f"{checkpoint_path}/state.pt")), map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(fs.cat_file(f"{checkpoint_path}/state.pt")), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from train_support import tiny_config
 
 from models.layouts import to_super_image
 import models
+from contract import checkpoints
 from train import checkpoint as ckpt
 from train import cli
 from train.clips import untile
@@ -109,7 +110,7 @@ def test_the_learning_rate_scales_linearly_with_the_global_batch(tmp_path):
     cfg = tiny_config(tmp_path, optim={"lr": 0.1, "lr_reference_batch": 256, "accum_steps": 2})
     from train.loop import build_sources, setup
     model, device = setup(cfg)
-    sources, _ = build_sources(cfg, "BCTHW", device, rank=0, world_size=4)
+    sources, _ = build_sources(cfg, ckpt.unwrap(model).contract, device, rank=0, world_size=4)
     trainer = Trainer(cfg, model, sources, device=device, world_size=4)
     assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.1 * 8 * 4 * 2 / 256)
 
@@ -143,8 +144,7 @@ def test_ema_weights_follow_the_model_and_are_validated_too(tmp_path):
     run = fit(tiny_config(tmp_path, sched={"epochs": 1}, train={"ema_decay": 0.5}, eval={"at_end": False}))
     val = [r for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl") if r["split"] == "val"]
     assert "ema_top1" in val[-1]
-    from train import checkpoint as ckpt
-    state = ckpt.load(ckpt.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())
+    state = checkpoints.load(checkpoints.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())
     name = "features.0.weight"
     ema, model = state["ema"][f"module.{name}"], state["model"][name]
     assert not torch.equal(ema, model)
@@ -236,7 +236,7 @@ def test_fp16_autocast_trains_with_a_grad_scaler_whose_state_the_checkpoint_carr
     run = fit(tiny_config(tmp_path, train={"amp": "fp16", "max_updates": 2, "checkpoint_every": 1, "eval_every": 0},
                           eval={"at_end": False}))
     assert all(math.isfinite(r["loss"]) for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl"))
-    scaler = ckpt.load(ckpt.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())["scaler"]
+    scaler = checkpoints.load(checkpoints.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())["scaler"]
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 2     # two steps taken without overflow
 
 
@@ -246,7 +246,7 @@ def test_a_compiled_model_trains_and_checkpoints_weights_that_a_plain_model_load
     run = fit(tiny_config(tmp_path, train={"compile": True, "max_updates": 2, "checkpoint_every": 1,
                                            "eval_every": 0}, eval={"at_end": False}))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1     # the steps ran through dynamo
-    weights = ckpt.load(ckpt.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())["model"]
+    weights = checkpoints.load(checkpoints.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())["model"]
     plain = models.build("test_tiny_bcthw", num_classes=4, num_frames=8, img_size=16)
     plain.load_state_dict(weights)                         # no `_orig_mod.` prefixes: strict load succeeds
     clips = torch.randn(2, 3, 8, 16, 16)

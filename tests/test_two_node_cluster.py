@@ -100,7 +100,7 @@ def test_two_hosts_shard_to_a_bucket_and_train_through_a_lost_worker(dataset, tm
         last = json.loads(s3(cluster, f"""
 import io, torch
 ckpts = sorted(fs.glob('runs/ray/{run_dir.name}/checkpoint_2*'))   # checkpoint_<time>
-state = torch.load(io.BytesIO(fs.cat(ckpts[-1] + '/state.pt')), map_location='cpu', weights_only=False)
+state = torch.load(io.BytesIO(fs.cat(ckpts[-1] + '/state.pt')), map_location='cpu', weights_only=True)
 print(json.dumps({{"updates": state["updates"], "epoch": state["epoch"], "world_size": state["world_size"]}}))
 """).strip().splitlines()[-1])
         assert last["updates"] == expected_updates and last["world_size"] == 2, (last, output[-3000:])

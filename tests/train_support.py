@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import models
+from contract.inputs import super_grid
 from models.layouts import to_super_image
 
 
@@ -114,6 +115,7 @@ class TinyVideoNet(nn.Module):
                  batchnorm: bool = True, heads: dict | None = None):
         super().__init__()
         self.layout = layout
+        self.super_grid = super_grid(num_frames) if layout == "super" else None
         norm = (nn.BatchNorm2d if layout == "super" else nn.BatchNorm3d) if batchnorm else (lambda _: nn.Identity())
         if layout == "super":
             layers = [nn.Conv2d(3, width, 3, padding=1), norm(width), nn.ReLU(),

@@ -52,7 +52,7 @@ def resolve(args: argparse.Namespace) -> dict:
         if not args.config:
             raise ConfigError("fit needs --config configs/<recipe>.yaml")
         return load_config(args.config, overrides)
-    from train.checkpoint import load   # eval without --config: the checkpoint's own resolved config
+    from contract.checkpoints import load   # eval without --config: the checkpoint's own resolved config
     return validate(apply_overrides(load(args.checkpoint)["config"], overrides))
 
 
@@ -74,12 +74,13 @@ def eval_run_dir(cfg: dict, checkpoint: str) -> Path:
 def evaluate_checkpoint(cfg: dict, checkpoint: str, *, ema: bool = False, run_dir: Path | None = None,
                         rank: int = 0, world_size: int = 1, device=None) -> dict:
     """Load a checkpoint's weights into the configured model and run the final evaluation protocol."""
+    from contract import checkpoints
     from train import checkpoint as ckpt
     from train.evaluate import write_report
     from train.loop import final_evaluation, setup
 
     model, device = setup({**cfg, "init_from": None}, rank=rank, world_size=world_size, device=device)
-    state = ckpt.load(checkpoint, cfg["run"]["storage_options"])
+    state = checkpoints.load(checkpoint, cfg["run"]["storage_options"])
     weights = state["model"]
     if ema:
         if not state.get("ema"):

@@ -3,7 +3,7 @@ layouts (BTCHW, BCTHW, super images), and mixed-precision context.
 
 Mixup/CutMix and the temporal-order test both need "the frames of each clip", whatever layout the
 loader produced for the model. Super images arrive tiled, (B, C, rows*H, cols*W); they are untiled
-with the model's grid (SIFAR's rule of models.layouts.super_grid unless the model names one), blank tiles included.
+with the model's grid (SIFAR's rule of contract.inputs.super_grid unless the model names one), blank tiles included.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-from models.layouts import super_grid, to_super_image
+from contract.inputs import super_grid
+from models.layouts import to_super_image
 
 
 def untile(x: torch.Tensor, num_frames: int, grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from models.layouts import super_grid
+from contract.inputs import InputContract, super_grid
 from train.config import ConfigError, datasets_of
 
 
@@ -27,32 +27,37 @@ def import_object(spec: str):
         raise ConfigError(f"cannot import {spec!r} ({e}); check data.loader") from e
 
 
-def build_loader(cfg: dict, dataset: str, split: str, *, layout: str, device, grid: tuple[int, int] | None = None,
-                 rank: int = 0, world_size: int = 1, views: tuple[int, int] = (1, 1), batch_size: int | None = None):
-    """This rank's loader of one dataset's split; `views=(clips, crops)` per video when evaluating.
+def build_loader(cfg: dict, dataset: str, split: str, *, contract: InputContract, device, rank: int = 0,
+                 world_size: int = 1, views: tuple[int, int] = (1, 1), batch_size: int | None = None):
+    """This rank's loader of one dataset's split, shaped by the model's input `contract`; `views=(clips,
+    crops)` per video when evaluating.
 
-    The split's name is the split inside the shards unless its options say `split:`; frames are cropped
-    to the model's img_size unless they say `crop_size:`; any other keyword can be overridden the same way,
-    except a super-image grid: that is the model's (`grid`, e.g. model.options.grid for SIFAR).
+    The split's name is the split inside the shards unless its options say `split:`; frames, crop size and
+    normalisation are the contract's unless the options override them (`num_frames: 1` for image
+    datasets, say), while the layout and a super-image grid are the model's alone (model.options.grid).
     """
     spec = datasets_of(cfg)[dataset].get(split) or {}
     if not spec.get("shards"):
         where = f"data.datasets.{dataset}.{split}" if cfg["data"]["datasets"] else f"data.{split}"
         raise ConfigError(f"{where}.shards is not set; give the shard folder or URL written by the shard job")
     device = torch.device(device)
-    kwargs = {"batch_size": batch_size or cfg["data"]["batch_size"], "num_frames": cfg["model"]["num_frames"],
+    kwargs = {"batch_size": batch_size or cfg["data"]["batch_size"], "num_frames": contract.num_frames,
               "sampling": cfg["data"]["sampling"], "mode": "train" if split == "train" else "eval",
-              "split": split, "crop_size": cfg["model"]["img_size"], "layout": layout,
+              "split": split, "crop_size": contract.crop_size, "layout": contract.layout,
+              "mean": contract.mean, "std": contract.std,
               "device": "gpu" if device.type == "cuda" else "cpu",
               "device_id": device.index if device.index is not None else 0,
               "rank": rank, "world_size": world_size, "seed": cfg["seed"]}
     if split != "train":
         kwargs.update(num_clips=views[0], num_crops=views[1])
     kwargs.update({**cfg["data"]["options"], **(spec.get("options") or {})})   # e.g. num_frames: 1 for images
-    if layout == "super" and grid is not None:
-        asked = kwargs.setdefault("grid", f"{grid[0]}x{grid[1]}")
-        if super_grid(kwargs["num_frames"], asked) != tuple(grid):
-            raise ConfigError(f"the data options tile a {asked} grid but the model reads {grid[0]}x{grid[1]}; "
+    if kwargs["layout"] != contract.layout:
+        raise ConfigError(f"the data options ask for layout {kwargs['layout']!r} but the model reads "
+                          f"{contract.layout!r}; drop layout from the data options")
+    if contract.grid is not None:
+        asked = kwargs.setdefault("grid", contract.grid_text)
+        if super_grid(kwargs["num_frames"], asked) != contract.grid:
+            raise ConfigError(f"the data options tile a {asked} grid but the model reads {contract.grid_text}; "
                               f"set the grid once, as model.options.grid, and drop it from the data options")
     return import_object(cfg["data"]["loader"])(spec["shards"], **kwargs)
 

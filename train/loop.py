@@ -1,6 +1,6 @@
 """One training loop for every model family: the update step, the epoch loop, and `fit`.
 
-The step: batches arrive in the model's own layout (the loader is configured from `model.layout`), get
+The step: batches arrive in the model's own layout (the loader is configured from `model.contract`), get
 Mixup/CutMix on the device with one CutMix box for all frames of a clip, run under bf16 autocast where
 the device supports it, and accumulate gradients over `optim.accum_steps` micro-batches (and over the
 datasets of a multi-dataset run, one batch each in a fixed order) before one clipped optimizer update.
@@ -32,6 +32,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import models
+from contract import checkpoints
+from contract.inputs import InputContract
 from train import checkpoint as ckpt
 from train.clips import autocast, input_memory_format, map_frames
 from train.config import ConfigError, datasets_of, save_config
@@ -134,8 +136,8 @@ class Trainer:
         self.logger = logger or MetricsLogger(None)
         self.save_checkpoint = save_checkpoint
         self.module = ckpt.unwrap(model)
-        self.layout, self.num_frames = self.module.layout, self.module.num_frames
-        self.grid = getattr(self.module, "super_grid", None)
+        contract = self.module.contract
+        self.layout, self.num_frames, self.grid = contract.layout, contract.num_frames, contract.grid
         self.multi = bool(cfg["data"]["datasets"])
         self.amp = pick_amp(cfg["train"]["amp"], device)
         self.channels_last = wants_channels_last(cfg["train"]["channels_last"], self.module, device)
@@ -385,10 +387,10 @@ def setup(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device
     return model, device
 
 
-def build_sources(cfg: dict, layout: str, device, rank: int, world_size: int,
-                  grid: tuple[int, int] | None = None) -> tuple[list[Source], dict]:
+def build_sources(cfg: dict, contract: InputContract, device, rank: int,
+                  world_size: int) -> tuple[list[Source], dict]:
     train, val = [], {}
-    kw = dict(layout=layout, grid=grid, device=device, rank=rank, world_size=world_size)
+    kw = dict(contract=contract, device=device, rank=rank, world_size=world_size)
     for i, name in enumerate(datasets_of(cfg)):
         train.append(Source(name, build_loader(cfg, name, "train", **kw), cycle=i > 0))
         if cfg["train"]["eval_every"] and (datasets_of(cfg)[name].get("val") or {}).get("shards"):
@@ -403,13 +405,13 @@ def final_evaluation(cfg: dict, model: nn.Module, device, *, rank: int = 0, worl
     ev = cfg["eval"]
     amp = pick_amp(cfg["train"]["amp"], device)
     multi = bool(cfg["data"]["datasets"])
-    grid = getattr(module, "super_grid", None)
+    contract = module.contract
     results = {}
     for name in datasets_of(cfg):
-        loader = build_loader(cfg, name, "val", layout=module.layout, grid=grid, device=device, rank=rank,
+        loader = build_loader(cfg, name, "val", contract=contract, device=device, rank=rank,
                               world_size=world_size, views=(ev["clips"], ev["crops"]), batch_size=ev["batch_size"])
-        results[name] = evaluate(model, loader, orders=tuple(ev["orders"]), device=device, layout=module.layout,
-                                 num_frames=module.num_frames, grid=grid, amp_dtype=amp,
+        results[name] = evaluate(model, loader, orders=tuple(ev["orders"]), device=device, layout=contract.layout,
+                                 num_frames=contract.num_frames, grid=contract.grid, amp_dtype=amp,
                                  dataset=name if multi else None,
                                  seed=cfg["seed"], progress=True,
                                  channels_last=wants_channels_last(cfg["train"]["channels_last"], module, device))
@@ -424,7 +426,7 @@ def final_evaluation(cfg: dict, model: nn.Module, device, *, rank: int = 0, worl
     return report
 
 
-def check_run(cfg: dict, store: ckpt.CheckpointStore, resuming: bool) -> None:
+def check_run(cfg: dict, store: checkpoints.CheckpointStore, resuming: bool) -> None:
     """Refuse, before any work, what would spoil a run: another run's checkpoints, a missing reference."""
     if not resuming and store.names():
         raise ConfigError(f"the run folder's checkpoint store {store.root} already holds checkpoints; continue "
@@ -447,7 +449,7 @@ def fit(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device |
     """
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     lead = rank == 0
-    store = ckpt.CheckpointStore(checkpoint_root(cfg, run_dir), cfg["train"]["keep_checkpoints"],
+    store = checkpoints.CheckpointStore(checkpoint_root(cfg, run_dir), cfg["train"]["keep_checkpoints"],
                                  cfg["run"]["storage_options"])
     check_run(cfg, store, resuming=resume_state is not None or bool(cfg["run"]["resume"]))
     if lead:
@@ -456,13 +458,12 @@ def fit(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device |
     if resume_state is None and cfg["run"]["resume"]:
         url = store.latest() if cfg["run"]["resume"] == "auto" else cfg["run"]["resume"]
         if url:
-            resume_state = ckpt.load(url, cfg["run"]["storage_options"])
+            resume_state = checkpoints.load(url, cfg["run"]["storage_options"])
             if lead:
                 print(f"resuming from {url}: epoch {resume_state['epoch']}, update {resume_state['updates']}")
     model, device = setup(cfg, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model)
     module = ckpt.unwrap(model)
-    sources, val_loaders = build_sources(cfg, module.layout, device, rank, world_size,
-                                         getattr(module, "super_grid", None))
+    sources, val_loaders = build_sources(cfg, module.contract, device, rank, world_size)
     if save_checkpoint is None:
         def save_checkpoint(state: dict, metrics: dict) -> None:
             if lead:

@@ -18,10 +18,10 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.train.torch
-import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from contract import checkpoints
 from train.config import ConfigError, save_config
 from train.loop import fit, new_run_dir
 
@@ -76,7 +76,7 @@ def _train_worker(config: dict) -> None:
     resume_state = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
-            resume_state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
+            resume_state = checkpoints.load(str(Path(folder) / STATE))
     # Each dataset of a multi-dataset run trains its own head: the others' heads get no gradient.
     ddp_options = {"find_unused_parameters": True} if cfg["data"]["datasets"] else None
 
@@ -89,7 +89,7 @@ def _train_worker(config: dict) -> None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, Path(folder) / STATE)
+            checkpoints.save(state, str(Path(folder) / STATE))
             for name in RUN_FILES:
                 if (run_dir / name).exists():
                     shutil.copy(run_dir / name, folder)
