@@ -80,6 +80,8 @@ def build(name: str, num_classes: int, num_frames: int | None = None, img_size: 
     model.layout = getattr(model, "layout", spec.layout)
     model.num_frames = num_frames
     model.model_name = name
+    model.build_record = {"name": name, "num_classes": num_classes, "num_frames": num_frames, "img_size": img_size,
+                          "options": dict(options)}   # what `models.load` rebuilds from a checkpoint
     model.contract = InputContract(layout=model.layout, num_frames=num_frames, crop_size=img_size,
                                    grid=model.super_grid if model.layout == "super" else None,
                                    mean=spec.mean, std=spec.std)
@@ -94,5 +96,5 @@ def _load_families() -> None:
     import models
 
     for info in pkgutil.iter_modules(models.__path__):
-        if info.name not in {"registry", "describe", "layers"} and not info.name.startswith("_"):
+        if info.name not in {"registry", "describe", "layers", "saved"} and not info.name.startswith("_"):
             importlib.import_module(f"models.{info.name}")
