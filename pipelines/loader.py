@@ -17,9 +17,10 @@ Three stages run concurrently, in threads (the heavy work releases the GIL: stor
   caller   takes batches in order, so the stream does not depend on thread timing.
 
 A sample that cannot be read or decoded is recorded in `loader.failures` with its reason and replaced by a
-copy of a good sample of the same batch, flagged `valid=False`; more than `max_failures` in one epoch
-raise `LoaderError`. DALI reports a decode error for the batch, not the sample, so a failed batch is run
-again one sample at a time on a rebuilt pipeline to find the culprit. A GOP cut that the decoder rejects
+copy of a good sample of the same batch (zeros where none is good), flagged `valid=False`; more than
+`max_failures` in one epoch (a count, or a fraction of the samples this rank reads) raise `LoaderError`.
+DALI reports a decode error for the batch, not the sample, so a failed batch is run again one sample at a
+time on a rebuilt pipeline to find the culprit. A GOP cut that the decoder rejects
 while the whole video decodes is not the sample's fault: that sample is decoded whole, and the loader
 stops cutting (`cut_gops` turns False, with a warning), so an optimisation never costs a sample.
 """
@@ -47,6 +48,7 @@ from pipelines.sampling import (TSN_SCALES, eval_views, eval_window, frame_indic
 from pipelines.source import SampleError, ShardIndex, ShardReader, rank_part, shard_order, shuffled
 
 TRAIN_CROPS = ("scale_jitter", "tsn_multiscale", "random_resized_crop")
+CPU_CODECS = ("vp8", "vp9", "mjpeg")   # what DALI 2.4's CPU video decoder reads
 
 
 class LoaderError(RuntimeError):
@@ -78,6 +80,8 @@ class VideoLoader:
     mode="eval": `num_clips` x `num_crops` views per video (`clip`, `crop` say which); every video once.
     `video` is (B, T, C, H, W), (B, C, T, H, W) or (B, C, rows*H, cols*W) for layout "BTCHW", "BCTHW",
     "super". Keep `flip=False` for direction-sensitive classes (SSv2, and our sample dataset's left/right).
+    `failures` lists the videos of the current epoch it could not deliver; `short_videos` counts the videos
+    of the split shorter than one clip.
     """
 
     def __init__(self, shards: str, batch_size: int, num_frames: int = 8, sampling: str = "uniform",
@@ -89,8 +93,16 @@ class VideoLoader:
                  layout: str = "BTCHW", grid: str | None = None, device: str = "cpu", device_id: int = 0,
                  rank: int = 0, world_size: int = 1, seed: int = 0, storage_options: dict | None = None,
                  readers: int = 8, shuffle_buffer: int = 64, num_threads: int | None = None,
-                 num_pipelines: int | None = None, prefetch: int = 2, max_failures: int = 100,
+                 num_pipelines: int | None = None, prefetch: int = 2, max_failures: int | float = 100,
                  verify: bool = True, cut_gops: bool = True):
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if batch_size < 1 or world_size < 1:
+            raise ValueError(f"batch_size and world_size must be at least 1, got {batch_size} and {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not a rank of world_size={world_size}: ranks count from 0 to "
+                             f"{world_size - 1}")
+        _check_max_failures(max_failures)
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if train_crop not in TRAIN_CROPS:
@@ -98,9 +110,13 @@ class VideoLoader:
         if device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("device='gpu' needs a CUDA GPU visible to torch; use device='cpu' on this machine")
         self.index = ShardIndex(shards, split, storage_options)
+        where = shards if split is None else f"{shards} split {split!r}"
+        if device == "cpu" and self.index.media == "video":
+            _check_cpu_codecs(self.index, where)
         self.config = vp.PipelineConfig(num_frames=num_frames, crop_size=crop_size, layout=layout, grid=grid,
                                         media=self.index.media, mean=tuple(mean), std=tuple(std))
         frame_indices(sampling, 1, 1, stride)  # a wrong sampling name or stride fails here
+        self.short_videos = _count_short_videos(self.index, sampling, num_frames, stride, where)
         self.batch_size, self.num_frames, self.sampling, self.mode = batch_size, num_frames, sampling, mode
         self.stride, self.train_crop, self.short_side, self.tsn_scales = stride, train_crop, short_side, tsn_scales
         self.crop_size, self.flip = crop_size, flip
@@ -137,6 +153,14 @@ class VideoLoader:
         if self.mode == "train":
             return n // w // b
         return math.ceil(math.ceil(n / w) * len(self.views) / b)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Videos this rank reads in an epoch: what a fractional `max_failures` is a fraction of."""
+        if self.mode == "train":
+            return len(self) * self.batch_size
+        part = rank_part(len(self.index), self.rank, self.world_size, equal=False)
+        return part.stop - part.start
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch whose shard order, shuffle and augmentation the next iteration draws, and
@@ -262,8 +286,8 @@ class VideoLoader:
             if not view.ok:
                 self._record(view.row, view.data)
         good = [v for v in batch if v.ok] or ([stand_in] if stand_in is not None and stand_in.ok else [])
-        if not good:
-            raise LoaderError(f"no readable sample to stand in for the broken ones; first failure: {self.failures[0]}")
+        if not good:   # nothing to copy: the driver sends zeros
+            return [dataclasses.replace(v, valid=False) for v in batch]
         return [v if v.ok else dataclasses.replace(good[-1], valid=False) for v in batch]
 
     def _record(self, row: int, error: SampleError) -> None:
@@ -274,9 +298,23 @@ class VideoLoader:
             self._failed_keys.add(key)
             self.failures.append({"key": key, "video_index": row, "shard": str(self.index["shard"][row]),
                                   "stage": error.stage, "reason": error.reason})
-            if len(self.failures) > self.max_failures:
-                raise LoaderError(f"{len(self.failures)} samples failed this epoch (max_failures={self.max_failures}); "
-                                  f"the shards look damaged, e.g. {self.failures[:3]}")
+            if len(self.failures) > self._allowed_failures():
+                raise LoaderError(self._too_many_failures())
+
+    def _allowed_failures(self) -> float:
+        if isinstance(self.max_failures, float):
+            return self.max_failures * self.samples_per_epoch
+        return self.max_failures
+
+    def _too_many_failures(self) -> str:
+        limit = f"max_failures={self.max_failures}"
+        if isinstance(self.max_failures, float):
+            limit += f", a fraction: {self._allowed_failures():g} of them"
+        shards = len({f["shard"] for f in self.failures})
+        first = self.failures[0]
+        return (f"{len(self.failures)} of the {self.samples_per_epoch} samples this rank reads failed this epoch, "
+                f"more than {limit}; they sit in {shards} shard(s), the first: {first['key']} in {first['shard']}, "
+                f"{first['stage']}: {first['reason']}")
 
     # ------------------------------------------------------------ DALI
 
@@ -301,11 +339,14 @@ class VideoLoader:
         _put(outbox, batch, stop)
 
     def _run(self, p: int, batch: list[View], stream) -> dict:
-        try:
-            video = self._decode(self._pipes[p], batch, stream)
-        except RuntimeError as error:
-            self._pipes[p] = self._build()    # a failed run can leave the pipeline unusable
-            batch, video = self._decode_alone(p, batch, stream, error)
+        if not any(v.ok for v in batch):
+            video = self._blank(len(batch))
+        else:
+            try:
+                video = self._decode(self._pipes[p], batch, stream)
+            except RuntimeError:
+                self._pipes[p] = self._build()    # a failed run can leave the pipeline unusable
+                batch, video = self._decode_alone(p, batch, stream)
         rows = np.array([v.row for v in batch])
         host = {"label": torch.from_numpy(self.index["label"][rows].astype(np.int64)),
                 "video_index": torch.from_numpy(rows.astype(np.int64)),
@@ -325,7 +366,12 @@ class VideoLoader:
         # GPU, DLPack makes the current (driver's) stream wait for DALI's work.
         return torch.from_dlpack(out.as_tensor())
 
-    def _decode_alone(self, p: int, batch: list[View], stream, error: Exception):
+    def _blank(self, n: int) -> torch.Tensor:
+        """Zeros in the batch's shape: what stands in for a batch without one usable view (all flagged)."""
+        device = f"cuda:{self.device_id}" if self.device == "gpu" else "cpu"
+        return torch.zeros(vp.output_shape(self.config, n), device=device)
+
+    def _decode_alone(self, p: int, batch: list[View], stream):
         """Run each view alone to find the ones DALI cannot decode; replace them with flagged copies."""
         outputs = []
         for view in batch:
@@ -337,7 +383,7 @@ class VideoLoader:
                 outputs.append(None)
         good = [i for i, out in enumerate(outputs) if out is not None]
         if not good:
-            raise LoaderError(f"no sample of a batch decodes; the pipeline said: {_dali_reason(error)}")
+            return [dataclasses.replace(view, valid=False) for view in batch], self._blank(len(batch))
         fixed = [view if out is not None else dataclasses.replace(batch[good[-1]], valid=False)
                  for view, out in zip(batch, outputs)]
         return fixed, torch.cat([out if out is not None else outputs[good[-1]] for out in outputs])
@@ -357,6 +403,37 @@ class VideoLoader:
                 warnings.warn(f"the {self.device} video decoder rejected a GOP-cut stream that it decodes whole "
                               f"({_dali_reason(e)}); decoding whole videos from now on (cut_gops=False)")
             return out
+
+
+def _check_max_failures(max_failures) -> None:
+    count = isinstance(max_failures, int) and not isinstance(max_failures, bool) and max_failures >= 0
+    fraction = isinstance(max_failures, float) and 0 <= max_failures <= 1
+    if not (count or fraction):
+        raise ValueError(f"max_failures must be a count (an int >= 0) or a fraction of the samples a rank reads per "
+                         f"epoch (a float in [0, 1], e.g. 0.01), got {max_failures!r}")
+
+
+def _check_cpu_codecs(index: ShardIndex, where: str) -> None:
+    """DALI's CPU decoder fails on other codecs only when the first batch runs, with a message naming none."""
+    codecs = index["codec"]
+    unreadable = sorted(set(codecs.tolist()) - set(CPU_CODECS))
+    if unreadable:
+        raise ValueError(f"{where} holds {int(np.isin(codecs, unreadable).sum())} of {len(codecs)} videos in "
+                         f"{', '.join(unreadable)}, which DALI's CPU decoder cannot read (it reads VP8, VP9 and "
+                         f"MJPEG): reshard them with --codec vp9, or load them with device='gpu'")
+
+
+def _count_short_videos(index: ShardIndex, sampling: str, num_frames: int, stride: int, where: str) -> int:
+    """Videos too short for one clip (sampling then repeats or wraps frames, as documented), with one warning."""
+    if index.media == "image":
+        return 0
+    needed = num_frames if sampling == "uniform" else (num_frames - 1) * stride + 1
+    short = int((index["num_frames"] < needed).sum())
+    if short:
+        warnings.warn(f"{short} of {len(index)} videos in {where} have fewer than the {needed} frames a {sampling} "
+                      f"clip of {num_frames} spans, so their clips repeat or wrap frames (loader.short_videos)",
+                      stacklevel=3)
+    return short
 
 
 _RUNNING: set = set()   # (stop event, threads) of epochs being iterated

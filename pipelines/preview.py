@@ -1,6 +1,7 @@
 """A picture of what the loader delivers: sampled clips frame by frame, and the same clips as super images.
 
-    python -m pipelines.preview SHARDS [--split val] [--mode train] --out preview.png
+    python -m pipelines.preview SPLIT_FOLDER [--mode train] --out preview.png
+    python -m pipelines.preview OUTPUT_ROOT --split val [--mode train] --out preview.png
 
 Two loaders with the same seed draw the same views (every random choice is made on the host, from the
 seed), one in the BTCHW layout and one in the super layout, so each row shows a clip's frames beside
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import matplotlib
 
@@ -18,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.loader import VideoLoader  # noqa: E402
+from pipelines.loader import LoaderError, VideoLoader  # noqa: E402
 
 
 def to_image(x: torch.Tensor, mean, std) -> np.ndarray:
@@ -55,11 +57,11 @@ def draw(shards: str, out: str, samples: int = 4, **options) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.preview", description=__doc__.splitlines()[0])
-    p.add_argument("shards", help="shard job output root (with --split) or a split folder; local path or URL")
+    p.add_argument("shards", help="a split folder, or the shard job's output root with --split; local path or URL")
     p.add_argument("--out", default="preview.png")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default=None, help="the split to draw when SHARDS is the output root")
     p.add_argument("--mode", choices=["train", "eval"], default="train")
     p.add_argument("--sampling", choices=["uniform", "dense"], default="uniform")
     p.add_argument("--num-frames", type=int, default=8)
@@ -72,10 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     lo, hi = (int(v) for v in a.short_side.split(",")) if a.short_side else (a.crop_size * 8 // 7, a.crop_size * 10 // 7)
-    draw(a.shards, a.out, a.samples, split=a.split, mode=a.mode, sampling=a.sampling, num_frames=a.num_frames,
-         stride=a.stride, crop_size=a.crop_size, short_side=(lo, hi), grid=a.grid, flip=a.flip, seed=a.seed)
+    try:
+        draw(a.shards, a.out, a.samples, split=a.split, mode=a.mode, sampling=a.sampling, num_frames=a.num_frames,
+             stride=a.stride, crop_size=a.crop_size, short_side=(lo, hi), grid=a.grid, flip=a.flip, seed=a.seed)
+    except (FileNotFoundError, ValueError, LoaderError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

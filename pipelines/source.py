@@ -17,7 +17,9 @@ Epoch policy (every rank gets the same number of batches; see docs/pipelines.md)
 from __future__ import annotations
 
 import hashlib
+import io
 import posixpath
+import tarfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -30,7 +32,8 @@ import pyarrow.parquet as pq
 
 INDEX_FILE = "index.parquet"
 CLASSES_FILE = "classes.txt"
-_COLUMNS = ("key", "label", "label_name", "shard", "offset", "size", "ext", "num_frames", "width", "height", "sha256")
+_COLUMNS = ("key", "label", "label_name", "shard", "offset", "size", "ext", "num_frames", "width", "height", "codec",
+            "sha256")
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -56,9 +59,7 @@ class ShardIndex:
             path = posixpath.join(path, split)
         index = posixpath.join(path, INDEX_FILE)
         if not self.fs.exists(index):
-            hint = "" if split else " (or pass the output root with split='train')"
-            raise FileNotFoundError(f"no {INDEX_FILE} in {url!r}{f' split {split!r}' if split else ''}: give a "
-                                    f"split folder written by pipelines/shard_kinetics.py{hint}")
+            raise FileNotFoundError(_no_index(self.fs, url, path, split))
         self.url, self.root = url, posixpath.dirname(path)
         with self.fs.open(index, "rb") as f:
             table = pq.read_table(f, columns=list(_COLUMNS))
@@ -90,6 +91,17 @@ class ShardIndex:
 
     def shard_path(self, row: int) -> str:
         return posixpath.join(self.root, self.columns["shard"][row])
+
+
+def _no_index(fs, url: str, path: str, split: str | None) -> str:
+    """The one-line error for a folder without an index: name the splits found where they were looked for."""
+    root = posixpath.dirname(path) if split is not None else path
+    splits = sorted(posixpath.basename(posixpath.dirname(p)) for p in fs.glob(posixpath.join(root, "*", INDEX_FILE)))
+    where = f"{url!r} has no split {split!r}" if split is not None else f"no {INDEX_FILE} in {url!r}"
+    if splits:
+        return (f"{where}: it is a shard job's output with the splits {', '.join(splits)}; "
+                f"pass split={splits[0]!r} (or the split folder {url.rstrip('/')}/{splits[0]})")
+    return f"{where}: give a split folder written by pipelines/shard_kinetics.py, or its output root with split="
 
 
 # ---------------------------------------------------------------- planning
@@ -184,8 +196,12 @@ class ShardReader:
     def _fetch(self, read: _Read) -> list[tuple[int, bytes | SampleError]]:
         try:
             blob = self._cat(read)
+        except FileNotFoundError:
+            error = SampleError("fetch", f"{read.path} is missing; restore it, or {self._reshard(read.rows[0])}")
+            return [(row, error) for row in read.rows]
         except Exception as e:  # noqa: BLE001 - any storage failure fails these rows, not the epoch
-            error = SampleError("fetch", f"{read.path} bytes {read.start}-{read.end}: {type(e).__name__}: {e}")
+            error = SampleError("fetch", f"{read.path} bytes {read.start}-{read.end}: {type(e).__name__}: {e} "
+                                         f"(still failing after {self.retries} retries)")
             return [(row, error) for row in read.rows]
         return [(row, self._check(row, blob, read.start)) for row in read.rows]
 
@@ -204,8 +220,75 @@ class ShardReader:
         begin = int(self.index["offset"][row]) - start
         data = blob[begin:begin + int(self.index["size"][row])]
         if len(data) != self.index["size"][row]:
-            return SampleError("fetch", f"got {len(data)} of {self.index['size'][row]} bytes: the shard is shorter "
-                                        f"than its index says (truncated upload?)")
+            return SampleError("fetch", self._short(row, len(data)))
         if self.verify and hashlib.sha256(data).hexdigest() != self.index["sha256"][row]:
-            return SampleError("verify", "sha256 differs from the index: the shard's bytes are damaged")
+            return SampleError("verify", self._mismatch(row, data))
         return data
+
+    # A failure's reason names the tar and the fix. These tell a tar of another run (another member where the
+    # index points, or the same clip in other bytes) from a damaged or truncated one; they run on failures only.
+
+    def _short(self, row: int, got: int) -> str:
+        path = self.index.shard_path(row)
+        same_shard = np.flatnonzero(self.index["shard"] == self.index["shard"][row])
+        misplaced = self._misplaced(int(same_shard[np.argmin(self.index["offset"][same_shard])]))
+        if misplaced:
+            return f"{path} {misplaced}: {self._other_run(row)}"
+        return (f"{path} ends {got} bytes into {self._member(row)}, which the index says has "
+                f"{self.index['size'][row]}: the tar is truncated (an interrupted copy or upload?); copy it again, or {self._reshard(row)}")
+
+    def _mismatch(self, row: int, data: bytes) -> str:
+        path, member = self.index.shard_path(row), self._member(row)
+        misplaced = self._misplaced(row)
+        if misplaced:
+            return f"{path} {misplaced}: {self._other_run(row)}"
+        if _packets(data) != int(self.index["num_frames"][row]):
+            return (f"{member} in {path} fails its sha256 and no longer parses as the indexed video: the tar is "
+                    f"damaged; restore it from a good copy, or {self._reshard(row)}")
+        return f"{path} holds a complete {member} with other bytes than the index's: {self._other_run(row)}"
+
+    def _misplaced(self, row: int) -> str | None:
+        """What the tar holds where the index puts `row`'s member, unless it is that member (by its header)."""
+        path, member, size = self.index.shard_path(row), self._member(row), int(self.index["size"][row])
+        found = _tar_member_before(self.index.fs, path, int(self.index["offset"][row]))
+        if found is None:
+            return f"has no tar member where the index puts {member}"
+        if member.startswith(found[0]) and found[1] == size:   # startswith: GNU tar cuts names at 100 characters
+            return None
+        return f"holds {found[0]} ({found[1]} bytes) where the index expects {member} ({size} bytes)"
+
+    def _member(self, row: int) -> str:
+        return f"{self.index.keys[row]}.{self.index['ext'][row]}"
+
+    def _other_run(self, row: int) -> str:
+        return (f"the tar and the index come from different runs; rerun the shard job on this output with its "
+                f"arguments (it rebuilds the index from the committed shards), and if this stays, {self._reshard(row)}")
+
+    def _reshard(self, row: int) -> str:
+        """How to rewrite one shard: the job redoes every shard without a commit marker."""
+        shard = posixpath.splitext(self.index["shard"][row])[0]
+        marker = posixpath.join(self.index.root, "_job", "done", shard + ".json")
+        return f"reshard it: delete {marker} and rerun the shard job on this output with its arguments"
+
+
+def _tar_member_before(fs, path: str, offset: int) -> tuple[str, int] | None:
+    """(name, size) of the tar header whose data starts at `offset`; None where there is no valid header."""
+    if offset < tarfile.BLOCKSIZE:
+        return None
+    try:
+        header = tarfile.TarInfo.frombuf(fs.cat_file(path, start=offset - tarfile.BLOCKSIZE, end=offset),
+                                         "utf-8", "surrogateescape")
+    except (tarfile.HeaderError, OSError):
+        return None
+    return header.name, header.size
+
+
+def _packets(data: bytes) -> int:
+    """Video packets of a complete file (one per frame in what the shard job writes); -1 if it does not parse."""
+    import av   # only on this diagnostic path
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            return sum(1 for packet in container.demux(video=0) if packet.size)
+    except Exception:  # noqa: BLE001 - whatever fails to parse is not a complete video
+        return -1

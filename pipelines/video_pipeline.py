@@ -48,6 +48,15 @@ class PipelineConfig:
         super_grid(self.num_frames, self.grid)  # a grid too small for the clip fails here, not at the first batch
 
 
+def output_shape(config: PipelineConfig, batch_size: int) -> tuple[int, ...]:
+    """The shape of one batch the graph outputs."""
+    t, size = config.num_frames, config.crop_size
+    if config.layout == "super":
+        rows, cols = super_grid(t, config.grid)
+        return batch_size, 3, rows * size, cols * size
+    return (batch_size, t, 3, size, size) if config.layout == "BTCHW" else (batch_size, 3, t, size, size)
+
+
 def decode(encoded, frames, device: str, media: str):
     """Decoded frames, FHWC uint8 RGB: the chosen frames of a video, or an image as a one-frame clip."""
     if media == "image":

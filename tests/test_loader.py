@@ -2,7 +2,9 @@
 CPU backend and, where a CUDA GPU is visible, on the GPU one (the `device` fixture of conftest.py)."""
 from __future__ import annotations
 
+import re
 import shutil
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +18,7 @@ from pipelines import loader as loader_module
 from pipelines import preview
 from pipelines.loader import LoaderError, VideoLoader
 from pipelines.sampling import uniform_indices
+from pipelines.source import SampleError, ShardIndex, ShardReader
 from shards.job import transcode_options
 from shards.sample_dataset import make_sample_dataset
 
@@ -26,7 +29,8 @@ SMALL = {"crop_size": 64, "short_side": (72, 96), "num_frames": 4, "readers": 2}
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     """24 train + 8 val motion clips (160x120, 2 s at 15 fps) sharded to VP9 in several shards per split,
-    and 6 JPEG images sharded by the images adapter, all by the real shard job."""
+    the val clips again to H.264 by another run, and 6 JPEG images sharded by the images adapter, all by
+    the real shard job."""
     root = tmp_path_factory.mktemp("loader")
     source = make_sample_dataset(root / "source", num_classes=4, train_per_class=6, val_per_class=2,
                                  size=(160, 120), fps=15, seconds=2, broken=False)
@@ -39,6 +43,8 @@ def shards(tmp_path_factory) -> str:
     with loopback_ray():
         run_shard_job(source, root / "shards", transcode=transcode_options(short_side=120, codec="vp9", gop=8),
                       shard_size=150_000)
+        run_shard_job(source, root / "h264_shards", transcode=transcode_options(short_side=120, codec="h264", gop=8),
+                      shard_size=150_000, splits=("val",))
         run_shard_job({"annotations": str(images), "videos": str(images)}, root / "image_shards", dataset="images")
     return str(root)
 
@@ -201,15 +207,23 @@ def test_transient_storage_errors_are_retried(shards, device):
 
 # ---------------------------------------------------------------- broken samples
 
-def damage(shards, tmp_path, key: str) -> str:
-    """A copy of the train shards with the bytes of `key`'s video overwritten by noise."""
+def damage(shards, tmp_path, *keys: str, split: str = "train") -> str:
+    """A copy of the shards with the bytes of each `keys` video of `split` overwritten by noise."""
     copy = tmp_path / "damaged"
     shutil.copytree(f"{shards}/shards", copy)
-    row = next(r for r in index(shards, "train") if r["key"] == key)
-    with open(copy / row["shard"], "r+b") as tar:
-        tar.seek(row["offset"])
-        tar.write(np.random.default_rng(0).integers(0, 256, row["size"], dtype=np.uint8).tobytes())
+    for row in index(shards, split):
+        if row["key"] in keys:
+            with open(copy / row["shard"], "r+b") as tar:
+                tar.seek(row["offset"])
+                tar.write(np.random.default_rng(0).integers(0, 256, row["size"], dtype=np.uint8).tobytes())
     return str(copy)
+
+
+def read_errors(shards: str, split: str) -> dict[str, SampleError]:
+    """What the shard reader says about each sample of `split` it cannot deliver, by key."""
+    split_index = ShardIndex(shards, split)
+    return {str(split_index.keys[row]): got for row, got in ShardReader(split_index, readers=2)(range(len(split_index)))
+            if isinstance(got, SampleError)}
 
 
 @pytest.mark.parametrize("verify, stage", [(True, "verify"), (False, "decode")])
@@ -235,6 +249,34 @@ def test_more_failures_than_allowed_end_the_epoch_with_the_reasons(shards, tmp_p
         batches(loader)
 
 
+def test_max_failures_may_be_a_fraction_of_the_samples_a_rank_reads(shards, tmp_path):
+    """One broken sample of 24: 5 % allows 1.2 of them, 1 % allows 0.24 and the error says which limit."""
+    key = index(shards, "train")[3]["key"]
+    damaged = damage(shards, tmp_path, key)
+    loader = VideoLoader(damaged, split="train", batch_size=4, max_failures=0.05, **SMALL)
+    assert len(batches(loader)) == len(loader) and [f["key"] for f in loader.failures] == [key]
+    loader = VideoLoader(damaged, split="train", batch_size=4, max_failures=0.01, **SMALL)
+    with pytest.raises(LoaderError, match=rf"1 of the 24 samples this rank reads .*max_failures=0.01, a fraction: "
+                                          rf"0.24 of them.*{key}"):
+        batches(loader)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_eval_records_every_video_it_cannot_deliver(shards, tmp_path, verify):
+    """Three crops in batches of 3: a broken video fills a whole batch, which nothing of the batch can stand
+    in for (the first one has no earlier batch either): it comes out as zeros, flagged, and recorded."""
+    rows = index(shards, "val")
+    broken = {rows[0]["key"], rows[5]["key"]}
+    loader = VideoLoader(damage(shards, tmp_path, *broken, split="val"), split="val", mode="eval", num_crops=3,
+                         batch_size=3, verify=verify, **SMALL)
+    got = batches(loader)
+    assert len(got) == len(loader) == 8 and all(b["video"].shape == (3, 4, 3, 64, 64) for b in got)
+    assert sorted((f["key"], f["video_index"]) for f in loader.failures) == sorted((rows[i]["key"], i) for i in (0, 5))
+    delivered = [(v, c) for b in got for v, c, ok in zip(b["video_index"].tolist(), b["crop"].tolist(),
+                                                         b["valid"].tolist()) if ok]
+    assert sorted(delivered) == [(v, c) for v in range(8) if v not in (0, 5) for c in range(3)]
+
+
 def test_a_gop_cut_the_decoder_rejects_is_decoded_whole_and_cutting_stops(shards, device, monkeypatch):
     """The GOP cut (pipelines/gops.py) is an optimisation: were a decoder to refuse its streams (NVDEC has
     not been tried on them yet), the epoch must be the one a loader without the cut delivers."""
@@ -249,6 +291,125 @@ def test_a_gop_cut_the_decoder_rejects_is_decoded_whole_and_cutting_stops(shards
         torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------- what a bad shard's failure says
+
+def test_a_damaged_tar_names_the_shard_and_the_fix(shards, tmp_path):
+    row = index(shards, "train")[2]
+    errors = read_errors(damage(shards, tmp_path, row["key"]), "train")
+    assert list(errors) == [row["key"]] and errors[row["key"]].stage == "verify"
+    assert errors[row["key"]].reason == (
+        f"{row['key']}.webm in {tmp_path}/damaged/{row['shard']} fails its sha256 and no longer parses as the "
+        f"indexed video: the tar is damaged; restore it from a good copy, or reshard it: delete "
+        f"{tmp_path}/damaged/_job/done/{row['shard'][:-4]}.json and rerun the shard job on this output with its "
+        f"arguments")
+
+
+def test_a_tar_from_another_run_is_told_apart_from_damage(shards, tmp_path):
+    """The H.264 run planned the same shards: its first tar in the VP9 run's place holds other members."""
+    copy = tmp_path / "mixed"
+    shutil.copytree(f"{shards}/shards", copy)
+    shutil.copy(f"{shards}/h264_shards/val/shard-000000.tar", copy / "val" / "shard-000000.tar")
+    errors = read_errors(str(copy), "val")
+    in_shard = [r for r in index(shards, "val") if r["shard"] == "val/shard-000000.tar"]
+    assert sorted(errors) == sorted(r["key"] for r in in_shard)
+    first = errors[in_shard[0]["key"]].reason
+    assert first.startswith(f"{copy}/val/shard-000000.tar holds {in_shard[0]['key']}.mp4 (")
+    assert f"where the index expects {in_shard[0]['key']}.webm ({in_shard[0]['size']} bytes)" in first
+    for error in errors.values():      # rows past the shorter tar's end too: not a truncated tar
+        assert (": the tar and the index come from different runs; rerun the shard job on this output with its "
+                "arguments" in error.reason)
+
+
+def test_a_member_rewritten_by_another_run_is_told_apart_from_damage(shards, tmp_path):
+    """Another run of the job can write the same clip to other bytes of the same length (another muxer
+    version, say): the header matches and the video is complete, so it is not damage."""
+    row = index(shards, "val")[1]
+    copy = tmp_path / "rewritten"
+    shutil.copytree(f"{shards}/shards", copy)
+    with open(copy / row["shard"], "r+b") as tar:
+        tar.seek(row["offset"])
+        video = tar.read(row["size"])
+        assert b"Lavf" in video                              # the muxing app, a header string
+        tar.seek(row["offset"])
+        tar.write(video.replace(b"Lavf", b"Lavx", 1))
+    errors = read_errors(str(copy), "val")
+    assert list(errors) == [row["key"]]
+    assert errors[row["key"]].reason.startswith(f"{copy}/{row['shard']} holds a complete {row['key']}.webm with "
+                                                f"other bytes than the index's: the tar and the index come from "
+                                                f"different runs")
+
+
+@pytest.mark.parametrize("cut", ["truncated", "missing"])
+def test_a_truncated_or_missing_tar_names_the_shard_and_the_fix(shards, tmp_path, cut):
+    copy = tmp_path / cut
+    shutil.copytree(f"{shards}/shards", copy)
+    tar = copy / "val" / "shard-000000.tar"
+    if cut == "missing":
+        tar.unlink()
+    else:
+        tar.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
+    errors = read_errors(str(copy), "val")
+    assert errors and all(e.stage == "fetch" for e in errors.values())
+    fix = f"reshard it: delete {copy}/_job/done/val/shard-000000.json and rerun the shard job on this output"
+    for error in errors.values():
+        assert error.reason.startswith(f"{tar} ") and fix in error.reason
+        assert ("the tar is truncated" if cut == "truncated" else "is missing; restore it") in error.reason
+
+
+# ---------------------------------------------------------------- refused or warned when built
+
+def test_h264_shards_on_the_cpu_are_refused_when_built_naming_the_fix(shards):
+    with pytest.raises(ValueError, match=r"split 'val' holds 8 of 8 videos in h264, which DALI's CPU decoder cannot "
+                                         r"read .*: reshard them with --codec vp9, or load them with device='gpu'"):
+        VideoLoader(f"{shards}/h264_shards", split="val", batch_size=4, device="cpu", **SMALL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed (NVDEC) decoder needs a CUDA GPU")
+def test_h264_shards_load_on_the_gpu(shards):
+    loader = VideoLoader(f"{shards}/h264_shards", split="val", mode="eval", batch_size=4, device="gpu", **SMALL)
+    got = batches(loader)
+    assert len(got) == 2 and loader.failures == [] and all(b["valid"].all() for b in got)
+
+
+def test_a_rank_outside_the_world_fails_when_the_loader_is_built(shards):
+    with pytest.raises(ValueError, match=r"rank=2 is not a rank of world_size=2: ranks count from 0 to 1"):
+        load(shards, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"device": "cuda"}, "device must be 'cpu' or 'gpu'"),
+    ({"batch_size": 0}, "batch_size and world_size must be at least 1"),
+    ({"max_failures": 1.5}, r"max_failures must be a count \(an int >= 0\) or a fraction"),
+    ({"max_failures": -1}, "max_failures must be a count"),
+])
+def test_arguments_that_cannot_work_fail_when_the_loader_is_built(shards, options, message):
+    with pytest.raises(ValueError, match=message):
+        load(shards, **options)
+
+
+def test_the_output_root_without_a_split_is_refused_naming_the_splits(shards):
+    root = f"{shards}/shards"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no index.parquet in {root!r}: it is a shard job's output "
+                                                          f"with the splits train, val; pass split='train' (or the "
+                                                          f"split folder {root}/train)")):
+        VideoLoader(f"{shards}/shards", batch_size=4)
+
+
+@pytest.mark.parametrize("sampling, num_frames, short", [("uniform", 30, 0), ("uniform", 31, 8), ("dense", 16, 8)])
+def test_num_frames_beyond_a_videos_length_warns_once_with_the_count(shards, sampling, num_frames, short):
+    """The val clips have 30 frames; dense clips of 16 frames at stride 2 span 31."""
+    assert {r["num_frames"] for r in index(shards, "val")} == {30}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = load(shards, "val", mode="eval", sampling=sampling, num_frames=num_frames)
+        next(iter(loader))
+    said = [str(w.message) for w in caught if "repeat or wrap frames" in str(w.message)]
+    assert loader.short_videos == short
+    assert said == ([f"{short} of 8 videos in {shards}/shards split 'val' have fewer than the 31 frames a {sampling} "
+                     f"clip of {num_frames} spans, so their clips repeat or wrap frames (loader.short_videos)"]
+                    if short else [])
+
+
 # ---------------------------------------------------------------- images and preview
 
 def test_image_shards_load_as_one_frame_clips(shards, device):
@@ -259,10 +420,16 @@ def test_image_shards_load_as_one_frame_clips(shards, device):
     assert sorted(torch.cat([b["video_index"] for b in got]).tolist()) == list(range(6))
 
 
-def test_preview_draws_clips_and_super_images(shards, tmp_path):
+def test_preview_draws_clips_and_super_images_of_a_split_folder(shards, tmp_path):
     out = tmp_path / "preview.png"
-    preview.main([f"{shards}/shards", "--split", "val", "--out", str(out), "--num-frames", "8", "--crop-size", "64",
-                  "--samples", "3"])
+    assert preview.main([f"{shards}/shards/val", "--out", str(out), "--num-frames", "8", "--crop-size", "64",
+                         "--samples", "3"]) == 0
     image = torchvision.io.read_image(str(out))
     assert image.shape[0] in (3, 4) and image.shape[1] > 200 and image.shape[2] > 400
     assert image[:3].float().std() > 20                        # frames were drawn, not an empty canvas
+
+
+def test_preview_of_an_output_root_without_a_split_says_which_splits_in_one_line(shards, tmp_path, capsys):
+    assert preview.main([f"{shards}/shards", "--out", str(tmp_path / "preview.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with the splits train, val; pass split='train'" in err
