@@ -113,7 +113,13 @@ def test_only_temporal_models_let_one_frame_see_its_neighbour(name, mixes_time):
     assert (change > 1e-6) == mixes_time
 
 
-@pytest.mark.parametrize("placement,expected", [("all", 16), ("bottom", 3 + 4), ("top", 6 + 3), ("every_other", 8)])
+def blocks_with(model, module_type):
+    """Per stage, the indices of the residual blocks whose temporal module is a `module_type`."""
+    return [[i for i, block in enumerate(getattr(model, f"layer{s}")) if isinstance(block.temporal, module_type)]
+            for s in range(1, 5)]
+
+
+@pytest.mark.parametrize("placement,expected", [("all", 16), ("bottom", 3 + 4), ("top", 6 + 3), ("every_other", 9)])
 def test_tam_placement_selects_residual_blocks(placement, expected):
     with torch.device("meta"):
         model = build("tam_r50", num_classes=3, tam_placement=placement)
@@ -121,15 +127,29 @@ def test_tam_placement_selects_residual_blocks(placement, expected):
     assert len(tams) == expected
     if placement == "bottom":
         assert all(n.startswith(("layer1.", "layer2.")) for n in tams)
-    if placement == "every_other":
-        assert tams[:3] == ["layer1.0.temporal", "layer1.2.temporal", "layer2.1.temporal"]
+    if placement == "every_other":  # counted afresh in each stage, from its first block
+        assert blocks_with(model, TemporalAggregation) == [[0, 2], [0, 2], [0, 2, 4], [0, 2]]
 
 
-def test_tsm_sits_in_the_residual_branch_of_every_block():
+# mit-han-lab/temporal-shift-module, ops/temporal_shift.py, make_temporal_shift(place="blockres"): n_round = 2
+# when layer3 has 23 blocks or more, else 1, then block i of every stage is shifted when i % n_round == 0.
+@pytest.mark.parametrize("name,shifted", [
+    ("tsm_r50", [[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0, 1, 2]]),
+    ("tsm_r101", [[0, 2], [0, 2], list(range(0, 23, 2)), [0, 2]]),
+])
+def test_tsm_shifts_the_blocks_the_reference_code_shifts_stage_by_stage(name, shifted):
     with torch.device("meta"):
-        model = build("tsm_r50", num_classes=3)
+        model = build(name, num_classes=3)
+    assert blocks_with(model, TemporalShift) == shifted
     shifts = [n for n, m in model.named_modules() if isinstance(m, TemporalShift)]
-    assert len(shifts) == 16 and all(n.endswith(".temporal") for n in shifts)
+    assert all(n.endswith(".temporal") for n in shifts)  # inside the residual branch, before conv1
+
+
+def test_tam_sits_in_every_block_of_r101_as_in_the_reference_code():
+    # IBM/action-recognition-pytorch, models/twod_models/resnet.py: every block gets the temporal module.
+    with torch.device("meta"):
+        model = build("tam_r101", num_classes=3)
+    assert blocks_with(model, TemporalAggregation) == [list(range(n)) for n in (3, 4, 23, 3)]
 
 
 def test_non_local_blocks_follow_every_other_block_of_stages_2_and_3():
