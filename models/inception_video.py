@@ -8,6 +8,13 @@ The paper's second backbone, with the same temporal switch as `models.resnet_vid
 `temporal_pool` halves time three times, where space is halved after the stem and after inception 3b and 4e:
 by a max-pool over time in 2D nets, by temporal stride 2 in those 3D max-pools. Parameter names follow
 torchvision's GoogLeNet, so `models.inflate` loads its ImageNet weights into every variant.
+
+The 3D nets' four max-pools between stages come in two sets (`pools`): "ibm", the default, is the authors'
+network (IBM/action-recognition-pytorch, models/threed_models/i3d.py and s3d.py): padded floor-mode pools, a
+1x3x3 one after the stem, then 3x3x3 ones, except S3D's last, 2x2x2 unpadded, which shortens time by one
+when it does not stride it. "googlenet" keeps GoogLeNet's unpadded ceil-mode spatial grid and pads time, so
+an inflated net reproduces its 2D parent exactly on a static clip and time is never cut. The 2D nets use
+GoogLeNet's pools, as the authors' 2D Inception does, whatever `pools` says.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from models.temporal import (ClipClassifier, FrameHead, FrameMaxPool2d, Temporal
                              TemporalShift, check_clip, conv_layer, norm_layer)
 
 TEMPORAL_KINDS = ("none", "tsm", "tam", "i3d", "s3d")
+POOLS = ("ibm", "googlenet")
 # name: (1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5" (a 3x3, as in torchvision), pool projection)
 INCEPTIONS = {
     "inception3a": (64, 96, 128, 16, 32, 32), "inception3b": (128, 128, 192, 32, 96, 64),
@@ -73,6 +81,16 @@ class SpaceTimeMaxPool(nn.Module):
         return self.time(self.space(x))
 
 
+def pools_3d(style: str, pools: str, t_stride: int) -> tuple[nn.Module, ...]:
+    """maxpool1-4 of a 3D net; pools 2-4 stride time by `t_stride` (the `temporal_pool` option)."""
+    if pools == "googlenet":
+        return (SpaceTimeMaxPool(3, 2), SpaceTimeMaxPool(3, 2, 3, t_stride), SpaceTimeMaxPool(3, 2, 3, t_stride),
+                SpaceTimeMaxPool(2, 2, 3, t_stride))
+    stride = (t_stride, 2, 2)
+    last = nn.MaxPool3d(2, stride) if style == "s3d" else nn.MaxPool3d(3, stride, 1)
+    return nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)), nn.MaxPool3d(3, stride, 1), nn.MaxPool3d(3, stride, 1), last
+
+
 class Inception(nn.Module):
     def __init__(self, style: str, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, pool_proj: int):
         super().__init__()
@@ -91,10 +109,12 @@ class Inception(nn.Module):
 
 class VideoInception(ClipClassifier):
     def __init__(self, temporal: str = "none", num_classes: int = 400, temporal_pool: bool = False,
-                 width_mult: float = 1.0, dropout: float = 0.5, tsm_fold_div: int = 8):
+                 width_mult: float = 1.0, dropout: float = 0.5, tsm_fold_div: int = 8, pools: str = "ibm"):
         super().__init__()
         if temporal not in TEMPORAL_KINDS:
             raise ValueError(f"temporal must be one of {TEMPORAL_KINDS}, got {temporal!r}")
+        if pools not in POOLS:
+            raise ValueError(f"pools must be one of {POOLS}, got {pools!r}")
         self.temporal_kind, self.temporal_pool = temporal, temporal_pool
         self.is_3d = temporal in ("i3d", "s3d")
         self.layout = "BCTHW" if self.is_3d else "BTCHW"
@@ -107,10 +127,8 @@ class VideoInception(ClipClassifier):
         self.conv2 = ConvUnit(style, ch(64), ch(64), 1)
         self.conv3 = ConvUnit(style, ch(64), ch(192), 3)
         if self.is_3d:
-            t = 2 if temporal_pool else 1
-            self.maxpool1 = SpaceTimeMaxPool(3, 2)
-            self.maxpool2, self.maxpool3 = SpaceTimeMaxPool(3, 2, 3, t), SpaceTimeMaxPool(3, 2, 3, t)
-            self.maxpool4 = SpaceTimeMaxPool(2, 2, 3, t)
+            self.maxpool1, self.maxpool2, self.maxpool3, self.maxpool4 = pools_3d(style, pools,
+                                                                                  2 if temporal_pool else 1)
         else:
             self.maxpool1, self.maxpool2, self.maxpool3 = (FrameMaxPool2d(3, 2, ceil_mode=True) for _ in range(3))
             self.maxpool4 = FrameMaxPool2d(2, 2, ceil_mode=True)

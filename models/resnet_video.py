@@ -2,7 +2,8 @@
 
 One backbone, one switch for how a residual block sees time (`temporal`):
   "none"      TSN: a per-frame 2D net, frame logits averaged;
-  "tsm"       temporal shift at the start of each residual branch (2D, zero cost);
+  "tsm"       temporal shift at the start of a residual branch (2D, zero cost): every block, or every other
+              block of each stage in nets as deep as R101, as in the TSM reference code;
   "tam"       temporal aggregation (depthwise t-1/t/t+1 blend) at the start of each residual branch (2D);
   "3d"        every 3x3 conv becomes 3x3x3 and the stem 3x7x7 (I3D-ResNet of the paper; R3D is the same net
               trained from scratch rather than inflated from ImageNet);
@@ -108,24 +109,26 @@ class Bottleneck(_Block):
         return self._residual(x, out)
 
 
+def reference_placement(temporal: str, blocks_per_stage: tuple[int, ...]) -> str:
+    """Where the code each 2D module comes from puts it. TSM (mit-han-lab/temporal-shift-module,
+    `make_temporal_shift`, place "blockres") shifts every other block of every stage once the third stage has
+    23 blocks or more (R101), every block otherwise; TAM (IBM/action-recognition-pytorch) sits in every block."""
+    return "every_other" if temporal == "tsm" and blocks_per_stage[2] >= 23 else "all"
+
+
 def placement_mask(placement: str, blocks_per_stage: tuple[int, ...]) -> list[list[bool]]:
     """Which residual blocks get the 2D temporal module: all of them, the bottom half of the stages (1-2),
-    the top half (3-4), or every other block counted through the whole network (first one included)."""
+    the top half (3-4), or every other block of each stage (counted from each stage's first block, which is
+    included)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"tam_placement must be one of {PLACEMENTS}, got {placement!r}")
-    mask, index = [], 0
-    for stage, n in enumerate(blocks_per_stage):
-        row = []
-        for _ in range(n):
-            row.append({"all": True, "bottom": stage < 2, "top": stage >= 2, "every_other": index % 2 == 0}[placement])
-            index += 1
-        mask.append(row)
-    return mask
+    return [[{"all": True, "bottom": stage < 2, "top": stage >= 2, "every_other": i % 2 == 0}[placement]
+             for i in range(n)] for stage, n in enumerate(blocks_per_stage)]
 
 
 class VideoResNet(ClipClassifier):
     def __init__(self, depth: int = 50, temporal: str = "none", num_classes: int = 400, temporal_pool: bool = False,
-                 tam_placement: str = "all", non_local: bool = False, width_mult: float = 1.0,
+                 tam_placement: str | None = None, non_local: bool = False, width_mult: float = 1.0,
                  dropout: float = 0.5, tsm_fold_div: int = 8):
         super().__init__()
         if depth not in DEPTHS:
@@ -145,7 +148,7 @@ class VideoResNet(ClipClassifier):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = (nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)) if self.is_3d
                         else FrameMaxPool2d(3, stride=2, padding=1))
-        mask = placement_mask(tam_placement, blocks)
+        mask = placement_mask(tam_placement or reference_placement(temporal, blocks), blocks)
 
         def temporal_module(channels):
             if temporal == "tsm":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.describe import count
-from models.inception_video import VideoInception
+from models.inception_video import INCEPTIONS, VideoInception
 from models.registry import build, get_spec, list_models
 from models.resnet_video import VideoResNet
 from models.temporal import NonLocal, TemporalAggregation, TemporalShift
@@ -113,7 +113,13 @@ def test_only_temporal_models_let_one_frame_see_its_neighbour(name, mixes_time):
     assert (change > 1e-6) == mixes_time
 
 
-@pytest.mark.parametrize("placement,expected", [("all", 16), ("bottom", 3 + 4), ("top", 6 + 3), ("every_other", 8)])
+def blocks_with(model, module_type):
+    """Per stage, the indices of the residual blocks whose temporal module is a `module_type`."""
+    return [[i for i, block in enumerate(getattr(model, f"layer{s}")) if isinstance(block.temporal, module_type)]
+            for s in range(1, 5)]
+
+
+@pytest.mark.parametrize("placement,expected", [("all", 16), ("bottom", 3 + 4), ("top", 6 + 3), ("every_other", 9)])
 def test_tam_placement_selects_residual_blocks(placement, expected):
     with torch.device("meta"):
         model = build("tam_r50", num_classes=3, tam_placement=placement)
@@ -121,15 +127,86 @@ def test_tam_placement_selects_residual_blocks(placement, expected):
     assert len(tams) == expected
     if placement == "bottom":
         assert all(n.startswith(("layer1.", "layer2.")) for n in tams)
-    if placement == "every_other":
-        assert tams[:3] == ["layer1.0.temporal", "layer1.2.temporal", "layer2.1.temporal"]
+    if placement == "every_other":  # counted afresh in each stage, from its first block
+        assert blocks_with(model, TemporalAggregation) == [[0, 2], [0, 2], [0, 2, 4], [0, 2]]
 
 
-def test_tsm_sits_in_the_residual_branch_of_every_block():
+# mit-han-lab/temporal-shift-module, ops/temporal_shift.py, make_temporal_shift(place="blockres"): n_round = 2
+# when layer3 has 23 blocks or more, else 1, then block i of every stage is shifted when i % n_round == 0.
+@pytest.mark.parametrize("name,shifted", [
+    ("tsm_r50", [[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0, 1, 2]]),
+    ("tsm_r101", [[0, 2], [0, 2], list(range(0, 23, 2)), [0, 2]]),
+])
+def test_tsm_shifts_the_blocks_the_reference_code_shifts_stage_by_stage(name, shifted):
     with torch.device("meta"):
-        model = build("tsm_r50", num_classes=3)
+        model = build(name, num_classes=3)
+    assert blocks_with(model, TemporalShift) == shifted
     shifts = [n for n, m in model.named_modules() if isinstance(m, TemporalShift)]
-    assert len(shifts) == 16 and all(n.endswith(".temporal") for n in shifts)
+    assert all(n.endswith(".temporal") for n in shifts)  # inside the residual branch, before conv1
+
+
+def test_tam_sits_in_every_block_of_r101_as_in_the_reference_code():
+    # IBM/action-recognition-pytorch, models/twod_models/resnet.py: every block gets the temporal module.
+    with torch.device("meta"):
+        model = build("tam_r101", num_classes=3)
+    assert blocks_with(model, TemporalAggregation) == [list(range(n)) for n in (3, 4, 23, 3)]
+
+
+# IBM/action-recognition-pytorch, models/threed_models/i3d.py and s3d.py, forward(): the pools between stages as
+# (kernel, stride, padding) over (T, H, W), floor mode; `t` is 2 with temporal pooling, 1 without.
+def authors_pools(style, t):
+    last = ((2, 2, 2), (t, 2, 2), (0, 0, 0)) if style == "s3d" else ((3, 3, 3), (t, 2, 2), (1, 1, 1))
+    middle = ((3, 3, 3), (t, 2, 2), (1, 1, 1))
+    return {"maxpool1": ((1, 3, 3), (1, 2, 2), (0, 1, 1)), "maxpool2": middle, "maxpool3": middle, "maxpool4": last}
+
+
+def pooled_size(size, kernel, stride, padding):
+    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(size, kernel, stride, padding))
+
+
+@pytest.mark.parametrize("style", ["i3d", "s3d"])
+@pytest.mark.parametrize("temporal_pool", [False, True])
+@pytest.mark.parametrize("frames", [8, 16])
+def test_3d_inception_feature_maps_have_the_authors_sizes_after_every_pool(style, temporal_pool, frames):
+    pools = authors_pools(style, 2 if temporal_pool else 1)
+    expected, size = {}, (frames, 112, 112)  # the stem conv keeps time and halves 224 px
+    for name, geometry in pools.items():
+        size = expected[name] = pooled_size(size, *geometry)
+    with torch.device("meta"):
+        model = build(f"{style}_inception", num_classes=3, temporal_pool=temporal_pool).eval()
+        seen = {}
+        names = [*pools, "inception5b", *(f"{n}.branch4.0" for n in INCEPTIONS)]
+        for n in names:
+            model.get_submodule(n).register_forward_hook(
+                lambda m, args, out, n=n: seen.__setitem__(n, (tuple(args[0].shape[2:]), tuple(out.shape[2:]))))
+        model(torch.zeros(1, 3, frames, 224, 224))
+    assert {n: seen[n][1] for n in pools} == expected
+    assert seen["inception5b"][1] == expected["maxpool4"]
+    assert all(seen[f"{n}.branch4.0"][0] == seen[f"{n}.branch4.0"][1] for n in INCEPTIONS)  # branch pools keep size
+
+
+@pytest.mark.parametrize("style", ["i3d", "s3d"])
+def test_3d_inception_pools_compute_the_authors_padded_floor_mode_max(style):
+    # 9 x 9 px and 5 frames: sizes where padded floor-mode and unpadded ceil-mode pools sample different windows
+    x = torch.randn(1, 2, 5, 9, 9, generator=torch.Generator().manual_seed(0))
+    for temporal_pool in (False, True):
+        ours = build(f"{style}_inception", num_classes=3, temporal_pool=temporal_pool, **TINY)
+        googlenet = build(f"{style}_inception", num_classes=3, temporal_pool=temporal_pool, pools="googlenet", **TINY)
+        for name, (kernel, stride, padding) in authors_pools(style, 2 if temporal_pool else 1).items():
+            theirs = torch.nn.functional.max_pool3d(x, kernel, stride, padding)
+            assert torch.equal(getattr(ours, name)(x), theirs), name
+            other = getattr(googlenet, name)(x)
+            assert other.shape != theirs.shape or not torch.equal(other, theirs), name
+
+
+@pytest.mark.parametrize("frames", [8, 16])
+def test_s3d_inception_without_temporal_pooling_shortens_time_by_one_as_the_authors_net_does(frames):
+    got = {}
+    with torch.device("meta"):
+        for pools in ("ibm", "googlenet"):
+            model = build("s3d_inception", num_classes=3, pools=pools).eval()
+            got[pools] = _frames_at(model, ["head"], clip("BCTHW", b=1, t=frames, size=224), entering=True)[0]
+    assert got == {"ibm": frames - 1, "googlenet": frames}
 
 
 def test_non_local_blocks_follow_every_other_block_of_stages_2_and_3():
@@ -193,3 +270,5 @@ def test_bad_options_name_the_allowed_values():
         VideoResNet(depth=152)
     with pytest.raises(ValueError, match="s3d"):
         VideoInception(temporal="r2plus1d")
+    with pytest.raises(ValueError, match="googlenet"):
+        VideoInception(temporal="i3d", pools="tf")

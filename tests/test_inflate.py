@@ -113,11 +113,11 @@ def test_a_timm_safetensors_checkpoint_loads_into_a_tsm_net(tmp_path):
     assert torch.equal(tsm.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
 
 
-def test_torchvision_googlenet_inflates_into_i3d_inception_exactly_on_a_static_clip():
+def test_torchvision_googlenet_inflates_into_i3d_inception_with_googlenet_pools_exactly_on_a_static_clip():
     torch.manual_seed(0)
     googlenet = randomise_batchnorm(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
                                                                  transform_input=False))
-    i3d = build("i3d_inception", 3)
+    i3d = build("i3d_inception", 3, pools="googlenet")  # the authors' padded pools sample another spatial grid
     report = load_pretrained(i3d, googlenet.state_dict())
     assert sorted(report.missing) == ["head.fc.bias", "head.fc.weight"] and not report.mismatched
     i3d.eval()
