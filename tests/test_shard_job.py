@@ -2,6 +2,7 @@
 resumable after a kill, on local disk and on an S3 server, with clear errors for bad arguments."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -296,6 +297,26 @@ def test_a_lease_left_by_a_killed_job_on_this_host_is_taken_over_at_once(sample,
     with pytest.raises(Stopped):
         run_job(config(sample, tmp_path, splits=("val",)), log=lines.append, connect=stop_at_connect)
     assert f"its process {left['owner']['pid']} is no longer running on this host" in lines[0]
+
+
+@pytest.mark.parametrize("state", ["free", "stale"])
+def test_exactly_one_of_several_jobs_racing_for_a_lease_wins(output_url, state):
+    if state == "stale":
+        Lease(output_url, ttl=0.01).acquire()
+        time.sleep(0.1)
+    contenders, winners, start = [Lease(output_url, log=lambda _: None) for _ in range(6)], [], threading.Barrier(6)
+
+    def contend(lease):
+        start.wait()
+        with contextlib.suppress(LeaseHeld):
+            lease.acquire()
+            winners.append(lease.owner["id"])
+    racing = [threading.Thread(target=contend, args=(lease,)) for lease in contenders]
+    for thread in racing:
+        thread.start()
+    for thread in racing:
+        thread.join(60)
+    assert len(winners) == 1 and read_lease(output_url)["owner"]["id"] == winners[0]
 
 
 def test_a_held_lease_is_renewed_by_its_heartbeat_and_outlives_its_ttl(tmp_path):
