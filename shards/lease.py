@@ -6,8 +6,8 @@ heartbeat). A second job that finds a live lease refuses and names the owner; on
 lease, or one whose process is gone from this very host, takes it over and says so. Every change to the
 lease is conditional on the version its writer last saw, so two jobs racing for it cannot both win:
 
-- S3: `PUT If-None-Match: *` creates it, `PUT If-Match: <ETag>` renews or takes it over, and
-  `DELETE If-Match: <ETag>` releases it (AWS since 2024, MinIO, moto).
+- S3: `PUT If-None-Match: *` creates it and `PUT If-Match: <ETag>` renews or takes it over (AWS since
+  2024, MinIO, moto); `DELETE If-Match: <ETag>` releases it (AWS since 2025).
 - a local disk (also NFS): the same read-compare-write while holding an exclusive `flock` on
   `_job/lease.lock` (re-checked after locking, as the releasing job deletes the lock file).
 - other stores (GCS, Azure, ...): write, wait, read back and compare; this narrows the race between two
@@ -44,10 +44,6 @@ class LeaseLost(RuntimeError):
     """This job's lease expired or was taken over while it ran: it must stop writing."""
 
 
-def _now() -> float:
-    return time.time()
-
-
 def _pid_namespace() -> str:
     """Two containers on one host name can reuse each other's pids; a pid is only comparable within one namespace."""
     try:
@@ -72,7 +68,7 @@ def _process_gone(owner: dict) -> bool:
 
 def describe_owner(record: dict) -> str:
     owner = record.get("owner", {})
-    beat = _now() - float(record.get("heartbeat", 0))
+    beat = time.time() - float(record.get("heartbeat", 0))
     return (f"host {owner.get('host')}, pid {owner.get('pid')}, job id {owner.get('id')}, started "
             f"{owner.get('started')}, last heartbeat {beat:.0f} s ago")
 
@@ -232,7 +228,7 @@ def _store(output: str):
     path = storage.join(root, LEASE)
     if storage.is_local(fs):
         return _LocalStore(fs, path)
-    if "s3" in fs.protocol or "s3a" in fs.protocol:
+    if "s3" in fs.protocol:
         return _S3Store(fs, path)
     return _ReadBackStore(fs, path)
 
@@ -257,7 +253,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> tuple[bytes, float]:
-        now = _now()
+        now = time.time()
         record = {"owner": self.owner, "heartbeat": now, "expires": now + self.ttl, "ttl": self.ttl}
         return json.dumps(record, sort_keys=True).encode(), now + self.ttl
 
@@ -265,7 +261,7 @@ class Lease:
     def _stale_because(record: dict) -> str | None:
         if _process_gone(record.get("owner", {})):
             return f"its process {record['owner'].get('pid')} is no longer running on this host"
-        overdue = _now() - float(record.get("expires", 0))
+        overdue = time.time() - float(record.get("expires", 0))
         return f"it expired {overdue:.0f} s ago" if overdue > 0 else None
 
     def acquire(self) -> None:
@@ -284,8 +280,8 @@ class Lease:
                 if why is None:
                     raise LeaseHeld(f"--output {self.output} is being written by another shard job "
                                     f"({describe_owner(record)}); wait for it to finish or stop it, then rerun "
-                                    f"this command (a job that died is taken over {self.ttl:.0f} s after its "
-                                    "last heartbeat, at once if it ran on this host)")
+                                    f"this command (a job that died is taken over {record.get('ttl', self.ttl):.0f} s "
+                                    "after its last heartbeat, at once if it ran on this host)")
                 version = self.store.replace(data, current[1])
                 taken_from = (f"took over the lease of --output {self.output} from a job that did not release "
                               f"it ({describe_owner(record)}): {why}")
@@ -317,7 +313,7 @@ class Lease:
 
     def check(self) -> None:
         """Raise `LeaseLost` when this job may no longer write the output."""
-        why = self._lost or ("it could not be renewed before it expired" if _now() > self.expires else None)
+        why = self._lost or ("it could not be renewed before it expired" if time.time() > self.expires else None)
         if why:
             raise LeaseLost(f"this job lost its lease on --output {self.output} ({why}) and stopped; committed "
                             "shards are kept: rerun the same command once no other job writes there")

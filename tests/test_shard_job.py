@@ -263,8 +263,8 @@ def test_a_second_job_on_a_locked_output_is_refused_naming_the_owner(sample, out
     try:
         assert reached.wait(60), "the first job never got going"
         owner = read_lease(output_url)["owner"]
-        code = shard_kinetics.main(["--annotations", sample["annotations"], "--videos", sample["videos"],
-                                    "--output", output_url, "--splits", "val", "--shard-size", str(sample["shard_size"])])
+        code = shard_kinetics.main(["--annotations", sample["annotations"], "--videos", sample["videos"], "--output",
+                                    output_url, "--splits", "val", "--shard-size", str(sample["shard_size"])])
     finally:
         go_on.set()
         first.join(60)
@@ -427,7 +427,8 @@ def test_classes_flag_sets_the_label_order_of_datasets_that_take_a_class_list(sa
     given = shard_kinetics.config_from_args(parser.parse_args(args + ["--dataset", "csv", "--classes",
                                                                       str(tmp_path / "classes.txt")]))
     assert load_plan(given).classes == ("10", "2")
-    assert load_plan(shard_kinetics.config_from_args(parser.parse_args(args + ["--dataset", "csv"]))).classes == ("2", "10")
+    default = shard_kinetics.config_from_args(parser.parse_args(args + ["--dataset", "csv"]))
+    assert load_plan(default).classes == ("2", "10")
     with pytest.raises(ConfigError, match="--classes: --dataset ssv2 takes its classes from its own annotation files"):
         shard_kinetics.config_from_args(parser.parse_args(args + ["--dataset", "ssv2", "--classes", "c.txt"]))
 
