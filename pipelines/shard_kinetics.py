@@ -18,12 +18,15 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 
 from shards.adapters import ADAPTERS  # noqa: E402
+from shards.finalize import IncompleteOutput  # noqa: E402
 from shards.job import (DEFAULT_SHARD_SIZE, ConfigError, JobConfig, JobIncomplete,  # noqa: E402
                         OutputConflict, run_job, transcode_options)
+from shards.lease import LeaseHeld, LeaseLost  # noqa: E402
 from shards.summary import describe  # noqa: E402
 
 # What a standalone run must not upload to Ray with the code (datasets, outputs, caches).
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to use (default: the submitted job's cluster, or a new local one)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier job's output made with other arguments")
+    p.add_argument("--classes", default=None, metavar="FILE",
+                   help="class names in label order, one per line (kinetics, csv); default: the adapter's order "
+                        "(see docs/datasets.md)")
     p.add_argument("--adapter-option", action="append", default=[], metavar="KEY=VALUE", type=adapter_option,
                    help="passed to the dataset adapter, e.g. split=2 (hmdb51/ucf101) or classes=URL; repeatable")
     return p
@@ -88,6 +94,8 @@ def connect_ray(address: str | None) -> None:
     """Join the job's cluster, the given one, or a new local one; ship this repo to workers unless Ray already does."""
     import ray
 
+    if ray.is_initialized():   # called from Python with Ray already up
+        return
     if in_submitted_job():
         ray.init(address=address or "auto")
         return
@@ -103,10 +111,18 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         if url and in_submitted_job() and "://" not in url and not os.path.isabs(url):
             raise ConfigError(f"--{flag}", f"{url!r} is relative, but a submitted job runs in Ray's copy of the "
                                            "working dir; pass an absolute path")
+    options = dict(args.adapter_option)
+    if args.classes is not None:
+        if "classes" not in inspect.signature(ADAPTERS[args.dataset]).parameters:
+            raise ConfigError("--classes", f"--dataset {args.dataset} takes its classes from its own annotation "
+                                           "files; leave --classes out")
+        if "classes" in options:
+            raise ConfigError("--classes", "given twice (also as --adapter-option classes=); keep one")
+        options["classes"] = args.classes
     return JobConfig(annotations=args.annotations, videos=args.videos, output=args.output, dataset=args.dataset,
                      transcode=transcode_options(args.short_side, args.codec, args.gop, args.fps),
                      shard_size=args.shard_size, seed=args.seed, splits=splits, workers=args.workers,
-                     overwrite=args.overwrite, adapter_options=dict(args.adapter_option))
+                     overwrite=args.overwrite, adapter_options=options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         run_job(config, log=lambda line: print(line, flush=True), connect=lambda: connect_ray(args.ray_address))
     except ConfigError as e:
         parser.error(str(e))
-    except OutputConflict as e:
+    except (OutputConflict, LeaseHeld) as e:
         print(f"shard_kinetics.py: error: {e}", file=sys.stderr)
         return 2
-    except JobIncomplete as e:
+    except (JobIncomplete, IncompleteOutput, LeaseLost) as e:
         print(f"shard_kinetics.py: incomplete: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("shard_kinetics.py: interrupted; committed shards are kept and the output's lease is released: "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
     print(describe(config.output), flush=True)
     return 0
 

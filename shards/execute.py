@@ -115,35 +115,47 @@ class Progress:
 
 
 def run_shards(specs: list[ShardSpec], options: TranscodeOptions, output: str, workers: int,
-               progress: Progress, log: Callable[[str], None], interval: float = 5.0) -> dict[str, str]:
-    """Run every spec as a Ray task, at most `workers` at once; returns {shard: error} for shards lost for good."""
+               progress: Progress, log: Callable[[str], None], interval: float = 5.0,
+               check: Callable[[], None] = lambda: None) -> dict[str, str]:
+    """Run every spec as a Ray task, at most `workers` at once; returns {shard: error} for shards lost for good.
+
+    `check` runs between waits and stops the run by raising (the job's lease was lost). Whatever stops it,
+    Ctrl-C included, cancels the tasks still in flight: their shards are uncommitted and redone on resume.
+    """
     task = ray.remote(write_shard).options(
         num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError],
         runtime_env={"env_vars": storage.storage_env()})
     board = ProgressBoard.remote()
     pending, in_flight, errors = list(reversed(specs)), {}, {}
     last_log, last_counts = time.monotonic(), None
-    while pending or in_flight:
-        while pending and len(in_flight) < workers:
-            spec = pending.pop()
-            in_flight[task.remote(spec, options, output, board)] = spec
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=min(interval, 1.0))
-        for ref in ready:
-            spec = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-                progress.done += result["samples"] + result["failures"]
-                progress.failed += result["failures"]
-            except Exception as e:   # noqa: BLE001 - reported per shard; a rerun resumes them
-                cause = getattr(e, "cause", None) or e
-                last_line = (str(cause).strip().splitlines() or [""])[-1]   # not Ray's whole remote traceback
-                errors[spec.name] = f"{type(cause).__name__}: {last_line}"
-                log(f"shard {spec.name} failed (retried up to {TASK_RETRIES} times): {errors[spec.name]}")
-        if time.monotonic() - last_log >= interval:
-            running = ray.get(board.totals.remote([s.name for s in in_flight.values()]))
-            log(progress.line(running))
-            last_log, last_counts = time.monotonic(), (progress.done + running[0], progress.failed + running[1])
+    try:
+        while pending or in_flight:
+            check()
+            while pending and len(in_flight) < workers:
+                spec = pending.pop()
+                in_flight[task.remote(spec, options, output, board)] = spec
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=min(interval, 1.0))
+            for ref in ready:
+                spec = in_flight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                    progress.done += result["samples"] + result["failures"]
+                    progress.failed += result["failures"]
+                except Exception as e:   # noqa: BLE001 - reported per shard; a rerun resumes them
+                    cause = getattr(e, "cause", None) or e
+                    last_line = (str(cause).strip().splitlines() or [""])[-1]   # not Ray's whole remote traceback
+                    errors[spec.name] = f"{type(cause).__name__}: {last_line}"
+                    log(f"shard {spec.name} failed (retried up to {TASK_RETRIES} times): {errors[spec.name]}")
+            if time.monotonic() - last_log >= interval:
+                running = ray.get(board.totals.remote([s.name for s in in_flight.values()]))
+                log(progress.line(running))
+                last_log, last_counts = time.monotonic(), (progress.done + running[0], progress.failed + running[1])
+    except BaseException:
+        for ref in in_flight:
+            ray.cancel(ref)
+        raise
+    finally:
+        ray.kill(board)
     if last_counts != (progress.done, progress.failed):
         log(progress.line())
-    ray.kill(board)
     return errors

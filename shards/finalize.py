@@ -11,6 +11,7 @@ import importlib.metadata
 import io
 import platform
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,6 +50,57 @@ def check_shard(spec: ShardSpec, marker: dict | None) -> None:
                                f"never planned {stray[:5]}")
 
 
+def tar_mismatch(spec: ShardSpec, marker: dict, listed: dict[str, int], root: str) -> str | None:
+    """Why the shard on storage is not the one its marker committed (None when it is), from one listing.
+
+    The marker holds the tar's size and sha256 as streamed, and rows cut from that same stream; a tar of
+    the committed size whose rows all lie inside it is that stream's tar unless someone rewrote it with
+    exactly as many bytes, which the lease keeps other jobs from doing. Rehashing instead would read
+    every byte of the dataset again.
+    """
+    if not marker["rows"]:
+        return None
+    if marker["tar"] != spec.name + ".tar":
+        return f"its marker names {marker['tar']}"
+    size = listed.get(storage.join(root, marker["tar"]))
+    if size is None:
+        return "its tar is missing"
+    if size != marker["size"]:
+        return f"its tar has {size} bytes on storage but {marker['size']} were committed"
+    if storage.join(root, marker["idx"]) not in listed:
+        return "its DALI index is missing"
+    outside = [r["key"] for r in marker["rows"]
+               if r["shard"] != marker["tar"] or r["offset"] < 0 or r["offset"] + r["size"] > size]
+    return f"index rows {outside[:3]} point outside its tar" if outside else None
+
+
+def verify_shards(fs, root: str, plan: Plan) -> None:
+    """Before any global file is written: every planned video is accounted for and every tar matches its marker.
+
+    A shard that does not match loses its marker, so rerunning the same command rewrites exactly those.
+    """
+    listed: dict[str, int] = {}
+    for split in plan.splits:   # one listing per split folder, however many shards
+        folder = storage.join(root, split)
+        if fs.isdir(folder):
+            listed.update({entry["name"]: int(entry.get("size") or 0) for entry in fs.ls(folder, detail=True)})
+
+    def mismatch(spec: ShardSpec) -> tuple[ShardSpec, str] | None:
+        marker = read_marker(fs, root, spec)
+        check_shard(spec, marker)
+        why = tar_mismatch(spec, marker, listed, root)
+        return (spec, why) if why else None
+    with ThreadPoolExecutor(16) as pool:
+        bad = [m for m in pool.map(mismatch, plan.shards) if m is not None]
+    if bad:
+        for path in [storage.join(root, spec.marker) for spec, _ in bad] + [storage.join(root, "manifest.json")]:
+            if fs.exists(path):
+                fs.rm_file(path)
+        raise IncompleteOutput(f"{len(bad)} shards do not match their commit markers, so no manifest was written "
+                               f"({'; '.join(f'{spec.name}: {why}' for spec, why in bad[:3])}): something else "
+                               "wrote to the output. Their markers are removed: rerun the same command to rewrite them")
+
+
 def read_marker(fs, root: str, spec: ShardSpec) -> dict | None:
     path = storage.join(root, spec.marker)
     return storage.read_json(fs, path) if fs.exists(path) else None
@@ -76,7 +128,6 @@ def _write_split(fs, root: str, split: str, specs: list[ShardSpec], failures: li
             pq.ParquetWriter(f, INDEX_SCHEMA) as index:
         for spec in specs:
             marker = read_marker(fs, root, spec)
-            check_shard(spec, marker)
             if marker["rows"]:
                 index.write_table(pa.Table.from_pylist(marker["rows"], schema=INDEX_SCHEMA))
                 shards.append({"split": split, "path": marker["tar"], "index": marker["idx"],
@@ -89,13 +140,15 @@ def _write_split(fs, root: str, split: str, specs: list[ShardSpec], failures: li
 def write_outputs(plan: Plan, output: str, dataset: str, options: dict) -> dict:
     """Write indexes, failures, classes and (last) the manifest from the committed markers; returns the manifest.
 
-    Raises `IncompleteOutput` (and leaves no manifest) if any planned video is unaccounted for.
+    Raises `IncompleteOutput` (and writes nothing) if any planned video is unaccounted for or any tar does
+    not match its marker.
     """
     fs, root = storage.resolve(output)
     fs.invalidate_cache()   # markers were written by other processes
     finals = [f"{split}/index.parquet" for split in plan.splits] + ["failures.parquet", "classes.txt", "manifest.json"]
     for name in finals:     # what a driver killed while finishing may have left
         storage.remove_stale_temporaries(fs, storage.join(root, name))
+    verify_shards(fs, root, plan)
     failures = [f.to_dict() for f in plan.failures]
     shards: list[dict] = []
     splits = {split: _write_split(fs, root, split, [s for s in plan.shards if s.split == split], failures, shards)

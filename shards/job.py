@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import ray
 from . import storage
 from .execute import Progress, run_shards
 from .finalize import read_marker, write_outputs
+from .lease import LEASE, Lease
 from .plan import Plan, make_plan
 from .transcode import ENCODERS, TranscodeOptions
 
@@ -128,28 +131,47 @@ def _conflict(config: JobConfig, changes: str) -> OutputConflict:
                           "to delete it and start over.")
 
 
-def claim_output(config: JobConfig) -> dict | None:
-    """Before any work: the earlier run's state if this run resumes it, else None (a fresh output).
-
-    Refuses an output made with other arguments (unless `overwrite`, which deletes it) and never touches
-    a non-empty folder that holds no shard job.
-    """
+def refuse_foreign_output(config: JobConfig) -> None:
+    """Never write into a non-empty folder that holds no shard job (checked before the lease is taken there)."""
     fs, root = storage.resolve(config.output)
     fs.invalidate_cache()
-    state_path = storage.join(root, "_job", "config.json")
-    if fs.exists(state_path):
-        previous = storage.read_json(fs, state_path)
-        if previous["arguments"] == config.identity():
-            return previous
-        if not config.overwrite:
-            raise _conflict(config, _describe_changes(previous["arguments"], config.identity()))
-        fs.rm(root, recursive=True)
-        return None
+    if fs.exists(storage.join(root, "_job", "config.json")):
+        return
     others = [p for p in (fs.ls(root, detail=False) if fs.isdir(root) else [])
               if p.rstrip("/").rsplit("/", 1)[-1] != "_job"]
     if others:
         raise OutputConflict(f"--output {config.output} is not empty and holds no shard job (found {others[0]}); "
                              "choose an empty or new folder (--overwrite never deletes folders the job did not make)")
+
+
+def _clear_output(fs, root: str) -> None:
+    """What `overwrite` deletes: the earlier job's output, all but the lease this job holds on it."""
+    keep = {storage.join(root, LEASE), storage.join(root, "_job", "lease.lock")}
+    doomed = [path for path in fs.find(root) if path not in keep]
+    if doomed:
+        fs.rm(doomed)   # S3 deletes up to 1000 keys per request
+    if storage.is_local(fs):   # object stores have no empty folders to leave behind
+        for folder, _, _ in sorted(os.walk(root), reverse=True):
+            if folder not in (root, storage.join(root, "_job")) and not os.listdir(folder):
+                os.rmdir(folder)
+
+
+def claim_output(config: JobConfig) -> dict | None:
+    """Under the lease, before any work: the earlier run's state if this run resumes it, else None (a fresh output).
+
+    Refuses an output made with other arguments (unless `overwrite`, which deletes it).
+    """
+    fs, root = storage.resolve(config.output)
+    fs.invalidate_cache()
+    state_path = storage.join(root, "_job", "config.json")
+    if not fs.exists(state_path):
+        return None
+    previous = storage.read_json(fs, state_path)
+    if previous["arguments"] == config.identity():
+        return previous
+    if not config.overwrite:
+        raise _conflict(config, _describe_changes(previous["arguments"], config.identity()))
+    _clear_output(fs, root)
     return None
 
 
@@ -161,7 +183,7 @@ def record_plan(config: JobConfig, plan: Plan, previous: dict | None) -> bool:
             return True
         if not config.overwrite:
             raise _conflict(config, "the arguments are the same but the inputs changed (annotations or videos)")
-        fs.rm(root, recursive=True)
+        _clear_output(fs, root)
     storage.write_json(fs, storage.join(root, "_job", "config.json"),
                        {"arguments": config.identity(), "plan": plan.fingerprint()})
     return False
@@ -203,13 +225,28 @@ def _connect() -> None:
         ray.init()
 
 
+def _rejected(plan: Plan) -> str:
+    """The plan's early failures by stage, as the summary and failures.parquet file them."""
+    stages = Counter(f.stage for f in plan.failures)
+    detail = f" ({', '.join(f'{stage}: {n}' for stage, n in sorted(stages.items()))})" if stages else ""
+    return f"{len(plan.failures)} rejected before transcoding{detail}"
+
+
 def run_job(config: JobConfig, log: Callable[[str], None] = print, connect: Callable[[], None] = _connect) -> dict:
     """Run (or resume) the job and return the manifest.
 
     Every check that can fail runs before `connect` (which defaults to `ray.init()` unless connected), and
-    a rerun of a finished job rebuilds its outputs without starting Ray at all.
+    a rerun of a finished job rebuilds its outputs without starting Ray at all. The run holds the output's
+    lease (`shards/lease.py`) from before it reads the output's state to after the manifest: a second job
+    on the same output is refused, and the lease is released however this one ends, Ctrl-C included.
     """
     validate(config)
+    refuse_foreign_output(config)
+    with Lease(config.output, log=log) as lease:
+        return _run_leased(config, lease, log, connect)
+
+
+def _run_leased(config: JobConfig, lease: Lease, log: Callable[[str], None], connect: Callable[[], None]) -> dict:
     previous = claim_output(config)
     plan = load_plan(config)
     resuming = record_plan(config, plan, previous)
@@ -217,7 +254,7 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print, connect: Call
     todo = [s for s in plan.shards if s.name not in committed]
     done, failed = sum(s + f for s, f in committed.values()), sum(f for _, f in committed.values())
     log(f"plan: {plan.num_records} videos in {len(plan.shards)} shards over splits {list(plan.splits)}, "
-        f"{len(plan.failures)} rejected at the annotation stage; "
+        f"{_rejected(plan)}; "
         + (f"resuming: {len(committed)} shards already committed, {len(todo)} to write" if resuming
            else f"{len(todo)} shards to write"))
     if todo:
@@ -225,9 +262,10 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print, connect: Call
         progress = Progress(total=plan.num_records, done=done, failed=failed, resumed=done)
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         errors = run_shards(todo, config.transcode, storage.absolute_url(config.output), workers,
-                            progress, log, config.progress_every)
+                            progress, log, config.progress_every, check=lease.check)
         if errors:
             raise JobIncomplete(f"{len(errors)} of {len(plan.shards)} shards failed after retries "
                                 f"({'; '.join(f'{k}: {v}' for k, v in list(errors.items())[:3])}). "
                                 "Committed shards are kept: rerun the same command to retry the rest.")
+    lease.check()
     return write_outputs(plan, storage.absolute_url(config.output), config.dataset, config.identity())

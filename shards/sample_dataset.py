@@ -184,11 +184,12 @@ def motion_clip(class_name: str, rng: np.random.Generator, size: tuple[int, int]
 # ---------------------------------------------------------------- encoding
 
 def encode_video(path: str | Path, frames: np.ndarray, fps: float, codec: str = "h264",
-                 gop: int | None = None, pix_fmt: str | None = None) -> Path:
+                 gop: int | None = None, pix_fmt: str | None = None, pixel_aspect: Fraction | None = None) -> Path:
     """Encode RGB frames to a video file; the container follows the path's extension.
 
     `gop=None` keeps the encoder's own keyframe placement (long GOPs and scene cuts, like real
-    downloads); an int forces a keyframe every `gop` frames.
+    downloads); an int forces a keyframe every `gop` frames. `pixel_aspect` marks the pixels as
+    non-square (e.g. 59/54 of PAL DVDs and broadcast), as anamorphic sources are.
     """
     if codec not in CODECS:
         raise ValueError(f"codec {codec!r} is not one of {sorted(CODECS)}")
@@ -203,6 +204,8 @@ def encode_video(path: str | Path, frames: np.ndarray, fps: float, codec: str = 
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = pix_fmt or default_fmt
         stream.codec_context.thread_count = 1  # tiny frames: threads cost more than they save
+        if pixel_aspect:
+            stream.codec_context.sample_aspect_ratio = pixel_aspect
         if gop:
             stream.codec_context.gop_size = gop
         if codec == "h264":

@@ -237,7 +237,9 @@ class _Encoder:
         encoder, self.ext = ENCODERS[options.codec]
         self.name, self.gop, self.count, self.sent = name, options.gop, 0, 0
         self.buffer = io.BytesIO()
-        self.container = av.open(self.buffer, "w", format=self.ext)
+        # bitexact: no random WebM TrackUID and no library version strings, so the same input and options
+        # give the same bytes on every run and machine with the same encoder (docs/shard_format.md)
+        self.container = av.open(self.buffer, "w", format=self.ext, options={"fflags": "+bitexact"})
         self.stream = self.container.add_stream(encoder, rate=rate)
         self.time_base = 1 / rate
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
@@ -283,13 +285,17 @@ def _timing(stream, record: VideoRecord, options: TranscodeOptions, notes: list[
     return rate, start, min(end, start + options.max_seconds)
 
 
-def _display_size(stream, notes: list[str]) -> tuple[float, int]:
-    """Width in square pixels (anamorphic DVD-style sources are stretched back) and height."""
+def _display_size(stream, notes: list[str]) -> tuple[int, int]:
+    """Width in whole square pixels (anamorphic DVD-style sources are stretched back) and height.
+
+    Rounded here, once: parity and scaling must see the width the clip is shown at, not 192.3 for a
+    176-pixel row of 59:54 pixels.
+    """
     width, height = stream.codec_context.width, stream.codec_context.height
     sar = stream.sample_aspect_ratio
     if sar and sar != 1 and 0.25 < sar < 4:
         notes.append(f"anamorphic {sar} -> square pixels")
-        return width * float(sar), height
+        return round(width * sar), height
     return width, height
 
 
@@ -311,7 +317,7 @@ def _transcode_video(record: VideoRecord, src, options: TranscodeOptions, name: 
             for frame in _constant_rate(_frames_in_order(container, stream, notes), rate, start, end, notes):
                 if encoder is None:  # rotation is side data of the frames, so the first frame decides the shape
                     rotation = round((frame.rotation or 0) / 90) % 4
-                    notes += [f"odd size {int(width)}x{height} -> even {size[0]}x{size[1]}"] * bool(width % 2 or height % 2)
+                    notes += [f"odd size {width}x{height} -> even {size[0]}x{size[1]}"] * bool(width % 2 or height % 2)
                     notes += [f"rotated {rotation * 90}"] * bool(rotation)
                     encoder = _Encoder(options, rate, *(size[::-1] if rotation % 2 else size), name)
                 if frame is not last_src:  # repeated slots reuse the scaled frame

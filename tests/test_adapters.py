@@ -221,3 +221,40 @@ def test_kinetics_split_filter_keeps_the_class_indices(sample):
     val = adapters.load("kinetics", str(root / "annotations"), str(root / "videos"), splits=["val"])
     assert val.classes == everything.classes
     assert val.records == [r for r in everything.records if r.split == "val"] and val.failures == []
+
+
+def _csv_records(tmp_path, video, text, **options):
+    _put(video, tmp_path / "v" / "a.mp4", tmp_path / "v" / "b.mp4", tmp_path / "v" / "c.mp4")
+    (tmp_path / "list.csv").write_text(text)
+    return adapters.load("csv", str(tmp_path / "list.csv"), str(tmp_path / "v"), **options)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("a.mp4,run\nb.mp4,car, phone\n", r"list.csv:2: 3 fields .* quote .*header path,label,split"),
+    ("path,label,split\na.mp4,run,train\nb.mp4,car, phone,val\n", r"list.csv:3: 4 fields .* quote"),
+    ("path,label,split\na.mp4,run,train\nb.mp4,car, phone\n", r"list.csv:3: split ' phone' .* quote"),
+], ids=["no header", "split column", "split column left out"])
+def test_csv_label_with_an_unquoted_comma_is_an_error_that_says_to_quote_it(tmp_path, video, text, says):
+    with pytest.raises(ValueError, match=says):
+        _csv_records(tmp_path, video, text)
+    quoted = text.replace("car, phone", '"car, phone"')
+    assert "car, phone" in [r.label_name for r in _csv_records(tmp_path, video, quoted).records]
+
+
+def test_csv_header_with_other_column_names_is_an_error_naming_the_line(tmp_path, video):
+    with pytest.raises(ValueError, match=r"list.csv:1: 'video,class' is neither the header path,label\[,split\]"):
+        _csv_records(tmp_path, video, "video,class\na.mp4,run\n")
+    assert len(_csv_records(tmp_path, video, "Path, Label\na.mp4,run\n").records) == 1
+
+
+def test_csv_integer_labels_are_ordered_by_value(tmp_path, video):
+    result = _csv_records(tmp_path, video, "a.mp4,2\nb.mp4,10\nc.mp4,1\n")
+    assert result.classes == ["1", "2", "10"]
+    assert {r.label_name: r.label for r in result.records} == {"1": 0, "2": 1, "10": 2}
+
+
+def test_csv_classes_follow_a_class_list_when_one_is_given(tmp_path, video):
+    (tmp_path / "classes.txt").write_text("10\n2\n1\n")
+    result = _csv_records(tmp_path, video, "a.mp4,2\nb.mp4,10\nc.mp4,1\n", classes=str(tmp_path / "classes.txt"))
+    assert result.classes == ["10", "2", "1"]
+    assert {r.label_name: r.label for r in result.records} == {"10": 0, "2": 1, "1": 2}

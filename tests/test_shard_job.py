@@ -2,15 +2,19 @@
 resumable after a kill, on local disk and on an S3 server, with clear errors for bad arguments."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 
 import av
@@ -20,7 +24,10 @@ import ray
 
 from bad_inputs import write_bad_inputs
 from pipelines import shard_kinetics
+from shards import storage
+from shards.finalize import IncompleteOutput
 from shards.job import ConfigError, JobConfig, OutputConflict, load_plan, run_job, transcode_options
+from shards.lease import LEASE, Lease, LeaseHeld, LeaseLost
 from shards.sample_dataset import make_sample_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +138,22 @@ def test_manifest_counts_agree_with_the_indexes(finished):
     assert manifest["versions"]["ray"] == ray.__version__
 
 
+def test_the_plan_line_counts_early_rejections_under_the_stage_failures_parquet_gives_them(sample, finished, tmp_path):
+    early = load_plan(config(sample, tmp_path)).failures
+    stage_of = {f["key"]: f["stage"] for f in rows_of(finished["output"] / "failures.parquet")}
+    stages = Counter(stage_of[f.key] for f in early)
+    assert stages == {"fetch": 1}   # the sample's row without a video: no file, so nothing to transcode
+    assert f"{len(early)} rejected before transcoding (fetch: 1)" in finished["log"][0]
+
+
+def test_the_same_input_and_options_give_byte_identical_shards(sample, finished, tmp_path):
+    again = run_job(config(sample, tmp_path, splits=("val",)), log=lambda _: None)
+    first = [entry for entry in finished["manifest"]["shards"] if entry["split"] == "val"]
+    assert first and again["shards"] == first
+    for entry in first:
+        assert (tmp_path / entry["path"]).read_bytes() == (finished["output"] / entry["path"]).read_bytes()
+
+
 def test_progress_reports_count_rate_eta_and_failures(finished):
     assert finished["log"][0].startswith("plan:")
     assert any("videos " in line and "videos/s" in line and "ETA" in line and "failures" in line
@@ -173,6 +196,162 @@ def test_a_folder_that_is_not_a_job_output_is_never_touched(sample, tmp_path):
 def test_unknown_split_is_a_config_error(sample, tmp_path):
     with pytest.raises(ConfigError, match=r"--splits.*\['nosuch'\].*\['train', 'val'\]"):
         run_job(config(sample, tmp_path, splits=("nosuch",)))
+
+
+def test_no_manifest_when_a_tar_does_not_match_its_marker_and_a_rerun_rewrites_that_shard(sample, finished, tmp_path):
+    output = tmp_path / "shards"
+    shutil.copytree(finished["output"], output)
+    damaged = finished["manifest"]["shards"][0]
+    other = next(e for e in finished["manifest"]["shards"] if e["size"] != damaged["size"])
+    (output / damaged["path"]).write_bytes((output / other["path"]).read_bytes())   # another writer's tar
+    with pytest.raises(IncompleteOutput, match=f"{damaged['path'][:-4]}: its tar has {other['size']} bytes"):
+        run_job(config(sample, output), log=lambda _: None, connect=stop_at_connect)
+    assert not (output / "manifest.json").exists()
+    assert not (output / "_job" / "done" / f"{damaged['path'][:-4]}.json").exists()
+
+    lines: list[str] = []
+    manifest = run_job(config(sample, output), log=lines.append)
+    assert "1 to write" in lines[0]
+    assert manifest["shards"] == finished["manifest"]["shards"]
+    assert (output / damaged["path"]).read_bytes() == (finished["output"] / damaged["path"]).read_bytes()
+
+
+# ---------------------------------------------------------------- one job per output (the lease)
+
+class Stopped(Exception):
+    """Raised by a test's `connect`: the job ends where it would start transcoding."""
+
+
+def stop_at_connect():
+    raise Stopped
+
+
+def read_lease(output: str) -> dict | None:
+    fs, root = storage.resolve(output)
+    fs.invalidate_cache()
+    path = storage.join(root, LEASE)
+    return storage.read_json(fs, path) if fs.exists(path) else None
+
+
+def fresh_output(request, tmp_path, monkeypatch) -> str:
+    if request.param == "local":
+        return str(tmp_path / "shards")
+    if request.param == "memory":
+        return f"memory://locks/{uuid.uuid4().hex[:8]}"
+    import s3fs
+
+    use_s3(monkeypatch, request.getfixturevalue("s3_server"))
+    s3fs.S3FileSystem().makedirs("locks", exist_ok=True)
+    return f"s3://locks/{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(params=["local", "s3", "memory"])
+def output_url(request, tmp_path, monkeypatch) -> str:
+    """A fresh output on a local disk, on the local S3 server, or on a store without conditional writes
+    (fsspec's in-memory one stands for gs:// and the rest)."""
+    return fresh_output(request, tmp_path, monkeypatch)
+
+
+@pytest.fixture(params=["local", "s3"])
+def conditional_output_url(request, tmp_path, monkeypatch) -> str:
+    """A fresh output on a store that writes conditionally (the others only narrow races, docs/shard_format.md)."""
+    return fresh_output(request, tmp_path, monkeypatch)
+
+
+def test_a_second_job_on_a_locked_output_is_refused_naming_the_owner(sample, output_url, capsys):
+    reached, go_on, outcome = threading.Event(), threading.Event(), []
+
+    def hold():   # the first job keeps its lease where it would start transcoding, until told to stop
+        reached.set()
+        go_on.wait(60)
+        raise Stopped
+
+    def first_job():
+        try:
+            run_job(config(sample, output_url, splits=("val",)), log=lambda _: None, connect=hold)
+        except Stopped:
+            outcome.append("stopped")
+    first = threading.Thread(target=first_job)
+    first.start()
+    try:
+        assert reached.wait(60), "the first job never got going"
+        owner = read_lease(output_url)["owner"]
+        code = shard_kinetics.main(["--annotations", sample["annotations"], "--videos", sample["videos"], "--output",
+                                    output_url, "--splits", "val", "--shard-size", str(sample["shard_size"])])
+    finally:
+        go_on.set()
+        first.join(60)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "being written by another shard job" in err and "rerun" in err
+    assert f"host {owner['host']}, pid {owner['pid']}, job id {owner['id']}" in err
+    assert outcome == ["stopped"] and read_lease(output_url) is None   # released, although the first job failed
+
+
+def test_a_stale_lease_is_taken_over_with_a_message(sample, output_url):
+    stale = Lease(output_url, ttl=0.05)
+    stale.acquire()   # then stops renewing, as a hung job or one on a lost node does
+    time.sleep(0.2)
+    lines: list[str] = []
+    with pytest.raises(Stopped):
+        run_job(config(sample, output_url, splits=("val",)), log=lines.append, connect=stop_at_connect)
+    took_over = [line for line in lines if line.startswith("took over the lease of")]
+    assert took_over == [line for line in lines if stale.owner["id"] in line] and len(took_over) == 1
+    assert f"--output {output_url} from a job that did not release it" in took_over[0] and "expired" in took_over[0]
+    assert lines[-1].startswith("plan:")
+    assert read_lease(output_url) is None
+
+
+def test_a_lease_left_by_a_killed_job_on_this_host_is_taken_over_at_once(sample, tmp_path):
+    holds_and_exits = "import sys; from shards.lease import Lease; Lease(sys.argv[1]).acquire()"
+    subprocess.run([sys.executable, "-c", holds_and_exits, str(tmp_path)], check=True, cwd=REPO, timeout=120)
+    left = read_lease(str(tmp_path))
+    assert left["expires"] > time.time() + 10, "the lease must still be unexpired for this test to mean anything"
+    lines: list[str] = []
+    with pytest.raises(Stopped):
+        run_job(config(sample, tmp_path, splits=("val",)), log=lines.append, connect=stop_at_connect)
+    assert f"its process {left['owner']['pid']} is no longer running on this host" in lines[0]
+
+
+@pytest.mark.parametrize("state", ["free", "stale"])
+def test_exactly_one_of_several_jobs_racing_for_a_lease_wins(conditional_output_url, state):
+    if state == "stale":
+        Lease(conditional_output_url, ttl=0.01).acquire()
+        time.sleep(0.1)
+    contenders = [Lease(conditional_output_url, log=lambda _: None) for _ in range(6)]
+    winners, start = [], threading.Barrier(len(contenders))
+
+    def contend(lease):
+        start.wait()
+        with contextlib.suppress(LeaseHeld):
+            lease.acquire()
+            winners.append(lease.owner["id"])
+    racing = [threading.Thread(target=contend, args=(lease,)) for lease in contenders]
+    for thread in racing:
+        thread.start()
+    for thread in racing:
+        thread.join(60)
+    assert len(winners) == 1 and read_lease(conditional_output_url)["owner"]["id"] == winners[0]
+
+
+def test_a_held_lease_is_renewed_by_its_heartbeat_and_outlives_its_ttl(tmp_path):
+    with Lease(str(tmp_path), ttl=2.0, heartbeat=0.1) as held:
+        first = read_lease(str(tmp_path))
+        time.sleep(2.5)
+        assert read_lease(str(tmp_path))["heartbeat"] > first["heartbeat"]
+        with pytest.raises(LeaseHeld):
+            Lease(str(tmp_path)).acquire()
+        held.check()
+
+
+def test_a_job_whose_lease_was_taken_over_stops_writing(tmp_path):
+    stalled = Lease(str(tmp_path), ttl=0.05)
+    stalled.acquire()   # its heartbeat then stalls past the ttl
+    time.sleep(0.2)
+    Lease(str(tmp_path), log=lambda _: None).acquire()
+    stalled.renew()
+    with pytest.raises(LeaseLost, match="another job took it over"):
+        stalled.check()
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -254,6 +433,45 @@ def test_invalid_arguments_stop_the_driver_naming_the_flag_and_the_fix(sample, t
     assert flag in stderr and says in stderr, stderr
 
 
+def test_classes_flag_sets_the_label_order_of_datasets_that_take_a_class_list(sample, tmp_path):
+    videos = sorted(Path(sample["videos"]).rglob("*.mp4"))[:2]
+    (tmp_path / "list.csv").write_text(f"{videos[0]},2\n{videos[1]},10\n")
+    (tmp_path / "classes.txt").write_text("10\n2\n")
+    args = ["--annotations", str(tmp_path / "list.csv"), "--videos", sample["videos"], "--output", str(tmp_path / "o")]
+    parser = shard_kinetics.build_parser()
+    given = shard_kinetics.config_from_args(parser.parse_args(args + ["--dataset", "csv", "--classes",
+                                                                      str(tmp_path / "classes.txt")]))
+    assert load_plan(given).classes == ("10", "2")
+    default = shard_kinetics.config_from_args(parser.parse_args(args + ["--dataset", "csv"]))
+    assert load_plan(default).classes == ("2", "10")
+    with pytest.raises(ConfigError, match="--classes: --dataset ssv2 takes its classes from its own annotation files"):
+        shard_kinetics.config_from_args(parser.parse_args(args + ["--dataset", "ssv2", "--classes", "c.txt"]))
+
+
+def test_ctrl_c_ends_with_one_line_on_how_to_resume_exit_130_and_the_lease_released(sample, tmp_path, capsys):
+    output, running = tmp_path / "shards", threading.Event()
+
+    def press_ctrl_c_after_the_first_commit():
+        deadline = time.monotonic() + 120
+        while running.is_set() and not list(output.glob("_job/done/*/*.json")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if running.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+    running.set()
+    threading.Thread(target=press_ctrl_c_after_the_first_commit, daemon=True).start()
+    try:
+        code = shard_kinetics.main(["--annotations", sample["annotations"], "--videos", sample["videos"],
+                                    "--output", str(output), "--splits", "val", "--shard-size", "1", "--workers", "1"])
+    finally:
+        running.clear()
+    out, err = capsys.readouterr()
+    assert code == 130
+    assert err.strip().splitlines()[-1] == ("shard_kinetics.py: interrupted; committed shards are kept and the "
+                                            "output's lease is released: rerun the same command to resume")
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
+    assert read_lease(str(output)) is None and not (output / "manifest.json").exists()
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL every process of the session the test started (Ray workers leave the process group, not the session)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -313,12 +531,17 @@ def s3_server():
     server.stop()
 
 
+def use_s3(monkeypatch, endpoint: str) -> None:
+    """Point S3 at the local server the way users do: AWS_* variables."""
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_s3_input_and_output_through_aws_environment_variables_with_resume(sample, s3_server, monkeypatch):
     import s3fs
 
-    for name, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
+    use_s3(monkeypatch, s3_server)
     fs = s3fs.S3FileSystem()
     fs.mkdir("data")
     fs.put(str(Path(sample["root"])) + "/", "data/sample", recursive=True)
@@ -339,7 +562,7 @@ def test_s3_input_and_output_through_aws_environment_variables_with_resume(sampl
     fs.invalidate_cache()
     assert f"{len(first['shards']) - 1} shards already committed, 1 to write" in lines[0]
     assert {p: fs.info(f"data/shards/{p}")["LastModified"] for p in others} == others
-    assert [s["path"] for s in second["shards"]] == [s["path"] for s in first["shards"]]
+    assert second["shards"] == first["shards"]   # the rewritten shard too, byte for byte (same size and sha256)
     row = rows_of("data/shards/train/index.parquet", filesystem=fs)[0]
     with fs.open(f"data/shards/{row['shard']}", "rb") as f:
         f.seek(row["offset"])

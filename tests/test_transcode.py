@@ -1,5 +1,6 @@
 """transcode(): real videos in, normalised clips out, and every bad input a VideoError with a reason."""
 import io
+from fractions import Fraction
 
 import av
 import fsspec
@@ -190,3 +191,23 @@ def test_an_image_that_is_not_an_image_is_a_probe_failure(tmp_path):
 def test_measured_rates_snap_to_the_rate_they_came_from():
     assert snap_rate(29.97) == snap_rate(30000 / 1001) and float(snap_rate(29.97)) == pytest.approx(29.97, abs=1e-3)
     assert snap_rate(24.6) == 25 and snap_rate(15.0) == 15 and snap_rate(12.5) == 12.5
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_the_same_input_and_options_give_byte_identical_clips(source, codec):
+    """No random muxer field (WebM's TrackUID) and no library version string in the file."""
+    first, second = (transcode(_record(source), TranscodeOptions(codec=codec, short_side=96)).data for _ in range(2))
+    assert first == second
+    assert b"Lavf6" not in first and b"Lavc6" not in first
+
+
+@pytest.mark.parametrize("pixel_aspect, size, odd_note", [
+    (Fraction(59, 54), (192, 144), None),                            # 192.3 square pixels wide: even
+    (Fraction(61, 54), (198, 144), "odd size 199x144 -> even 198x144"),  # 198.8: odd once rounded
+], ids=["59:54", "61:54"])
+def test_non_square_pixels_are_stretched_and_parity_is_judged_on_the_rounded_width(tmp_path, pixel_aspect, size,
+                                                                                   odd_note):
+    frames = motion_clip("moving left", np.random.default_rng(0), (176, 144), 10)
+    clip = transcode(_record(encode_video(tmp_path / "pal.mp4", frames, 10, pixel_aspect=pixel_aspect)))
+    assert (clip.width, clip.height) == size
+    assert clip.notes == [f"anamorphic {pixel_aspect} -> square pixels"] + ([odd_note] if odd_note else [])
