@@ -5,12 +5,17 @@ shuki0shimizu/IV-ViT through PyTorchVideo 0.1.5. Windows are (y0, x0, y1, x1) in
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pipelines import protocols
 from pipelines.sampling import (eval_short_side, eval_views, eval_window, frame_indices, random_resized_crop_window,
                                 scale_jitter_window, tsn_multiscale_window)
+from train.config import datasets_of, load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rngs(n=300):
@@ -270,3 +275,19 @@ def test_a_protocol_refuses_a_training_crop_its_code_does_not_have():
         random_resized_crop_window(256, 340, np.random.default_rng(0), protocol="ibm")
     with pytest.raises(ValueError, match="protocol must be one of"):
         frame_indices("uniform", 300, 8, protocol="tsm")
+
+
+# ---------------------------------------------------------------- recipes
+
+RECIPE_PROTOCOL = {"sifar_": "ibm", "cnn_study_": "ibm", "sifa_": "sifa", "ivvit_": "ivvit", "sample_": "default"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_recipe_names_its_papers_protocol_and_the_protocol_takes_its_views(path):
+    cfg = load_config(path)
+    want = next(protocol for prefix, protocol in RECIPE_PROTOCOL.items() if path.stem.startswith(prefix))
+    assert cfg["data"]["options"].get("protocol", "default") == want
+    eval_views(cfg["eval"]["clips"], cfg["eval"]["crops"], want)
+    for spec in datasets_of(cfg).values():
+        options = {**cfg["data"]["options"], **((spec.get("train") or {}).get("options") or {})}
+        protocols.check(want, cfg["data"]["sampling"], options.get("train_crop", "scale_jitter"))
