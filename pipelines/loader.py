@@ -43,8 +43,10 @@ import torch
 from contract.inputs import IMAGENET_MEAN, IMAGENET_STD
 from pipelines import video_pipeline as vp
 from pipelines.gops import cut, webm_packets
-from pipelines.sampling import (TSN_SCALES, eval_views, eval_window, frame_indices, random_resized_crop_window,
-                                scale_jitter_window, tsn_multiscale_window)
+from pipelines.protocols import check as check_protocol
+from pipelines.sampling import (TSN_SCALES, eval_short_side, eval_views, eval_window, frame_indices,
+                                random_in_evaluation, random_resized_crop_window, scale_jitter_window,
+                                tsn_multiscale_window)
 from pipelines.source import SampleError, ShardIndex, ShardReader, rank_part, shard_order, shuffled
 
 TRAIN_CROPS = ("scale_jitter", "tsn_multiscale", "random_resized_crop")
@@ -81,7 +83,8 @@ class VideoLoader:
     `video` is (B, T, C, H, W), (B, C, T, H, W) or (B, C, rows*H, cols*W) for layout "BTCHW", "BCTHW",
     "super". Keep `flip=False` for direction-sensitive classes (SSv2, and our sample dataset's left/right).
     `failures` lists the videos of the current epoch it could not deliver; `short_videos` counts the videos
-    of the split shorter than one clip.
+    of the split shorter than one clip. `protocol` picks whose sampling and crop rules: "default" (ours),
+    or the papers' authors' code, "ibm", "sifa" or "ivvit" (`pipelines/protocols.py`, docs/pipelines.md).
     """
 
     def __init__(self, shards: str, batch_size: int, num_frames: int = 8, sampling: str = "uniform",
@@ -94,7 +97,7 @@ class VideoLoader:
                  rank: int = 0, world_size: int = 1, seed: int = 0, storage_options: dict | None = None,
                  readers: int = 8, shuffle_buffer: int = 64, num_threads: int | None = None,
                  num_pipelines: int | None = None, prefetch: int = 2, max_failures: int | float = 100,
-                 verify: bool = True, cut_gops: bool = True):
+                 verify: bool = True, cut_gops: bool = True, protocol: str = "default"):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if batch_size < 1 or world_size < 1:
@@ -116,14 +119,15 @@ class VideoLoader:
         self.config = vp.PipelineConfig(num_frames=num_frames, crop_size=crop_size, layout=layout, grid=grid,
                                         media=self.index.media, mean=tuple(mean), std=tuple(std))
         frame_indices(sampling, 1, 1, stride)  # a wrong sampling name or stride fails here
+        check_protocol(protocol, sampling, train_crop if mode == "train" else None)   # eval_views checks the crops
+        self.protocol = protocol
         self.short_videos = _count_short_videos(self.index, sampling, num_frames, stride, where)
         self.batch_size, self.num_frames, self.sampling, self.mode = batch_size, num_frames, sampling, mode
         self.stride, self.train_crop, self.short_side, self.tsn_scales = stride, train_crop, short_side, tsn_scales
         self.crop_size, self.flip = crop_size, flip
-        self.views = [(0, 0)] if mode == "train" else eval_views(num_clips, num_crops)
+        self.views = [(0, 0)] if mode == "train" else eval_views(num_clips, num_crops, protocol)
         self.num_clips, self.num_crops = (1, 1) if mode == "train" else (num_clips, num_crops)
-        # One centre crop reads a 256-short-side frame (for 224); three crops span the short side exactly.
-        self.test_short_side = test_short_side or (round(crop_size * 256 / 224) if self.num_crops == 1 else crop_size)
+        self.test_short_side = test_short_side or eval_short_side(crop_size, self.num_crops, protocol)
         self.device, self.device_id = device, device_id
         self.rank, self.world_size, self.seed, self.epoch, self.start_batch = rank, world_size, seed, 0, 0
         self.reader = ShardReader(self.index, readers=readers, verify=verify)
@@ -248,23 +252,25 @@ class VideoLoader:
 
     def _views(self, row: int, data: bytes | SampleError, epoch: int) -> Iterator[View]:
         h, w = int(self.index["height"][row]), int(self.index["width"][row])
-        n = int(self.index["num_frames"][row])
         cuttable = self.cut_gops and self.config.media == "video" and isinstance(data, bytes)
         packets = webm_packets(data) if cuttable else None
         if self.mode == "train":
             rng = np.random.default_rng([self.seed, epoch, row])
-            frames = self._frames(n, 0, rng)     # drawn first, then the window, then the flip
+            frames = self._frames(row, 0, rng)   # drawn first, then the window, then the flip
             yield self._view(row, 0, 0, data, packets, frames, self._train_window(h, w, rng),
                              self.flip and rng.random() < 0.5)
             return
         for clip, crop in self.views:
-            yield self._view(row, clip, crop, data, packets, self._frames(n, clip, None),
-                             eval_window(h, w, self.crop_size, self.test_short_side, crop, self.num_crops), False)
+            rng = np.random.default_rng([self.seed, row, clip]) if random_in_evaluation(self.protocol) else None
+            yield self._view(row, clip, crop, data, packets, self._frames(row, clip, rng),
+                             eval_window(h, w, self.crop_size, self.test_short_side, crop, self.num_crops,
+                                         self.protocol, self.config.media), False)
 
-    def _frames(self, n: int, clip: int, rng: np.random.Generator | None) -> np.ndarray | None:
+    def _frames(self, row: int, clip: int, rng: np.random.Generator | None) -> np.ndarray | None:
         if self.config.media == "image":
             return None
-        return frame_indices(self.sampling, n, self.num_frames, self.stride, clip, self.num_clips, rng)
+        return frame_indices(self.sampling, int(self.index["num_frames"][row]), self.num_frames, self.stride, clip,
+                             self.num_clips, rng, self.protocol, float(self.index["fps"][row]))
 
     @staticmethod
     def _view(row, clip, crop, data, packets, frames, roi, mirror) -> View:
@@ -275,10 +281,10 @@ class VideoLoader:
 
     def _train_window(self, h: int, w: int, rng: np.random.Generator):
         if self.train_crop == "scale_jitter":
-            return scale_jitter_window(h, w, self.crop_size, self.short_side, rng)
+            return scale_jitter_window(h, w, self.crop_size, self.short_side, rng, self.protocol)
         if self.train_crop == "tsn_multiscale":
-            return tsn_multiscale_window(h, w, rng, self.tsn_scales)
-        return random_resized_crop_window(h, w, rng)
+            return tsn_multiscale_window(h, w, rng, self.tsn_scales, protocol=self.protocol, crop_size=self.crop_size)
+        return random_resized_crop_window(h, w, rng, protocol=self.protocol)
 
     def _repair(self, batch: list[View], stand_in: View | None) -> list[View]:
         """Replace views whose bytes could not be read by flagged copies of a good one."""

@@ -6,12 +6,18 @@ Randomness comes from a `numpy.random.Generator` passed in; `rng=None` means eva
 
 Spatial windows are `(y0, x0, y1, x1)` in source pixels: the pipeline resizes that region of every frame
 of a clip to the output size in one step, so "resize the short side, then crop" costs one resample.
+
+`protocol=` picks whose rules: "default" (ours, below) or the papers' authors' code, "ibm", "sifa" or
+"ivvit" (`protocols.py`). `default` keeps its own rules because they treat every clip, crop and video
+length alike (centred, evenly spread, no fixed seeds); the others exist to reproduce published numbers.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from pipelines import protocols
 
 Window = tuple[float, float, float, float]  # y0, x0, y1, x1 in source pixels
 
@@ -54,13 +60,37 @@ def dense_indices(num_video_frames: int, num_frames: int, stride: int, clip: int
 
 
 def frame_indices(sampling: str, num_video_frames: int, num_frames: int, stride: int = 1, clip: int = 0,
-                  num_clips: int = 1, rng: np.random.Generator | None = None) -> np.ndarray:
-    """`uniform_indices` or `dense_indices` by name (the loader's `sampling=` option)."""
+                  num_clips: int = 1, rng: np.random.Generator | None = None, protocol: str = "default",
+                  fps: float | None = None) -> np.ndarray:
+    """Frames of one view by sampling name (the loader's `sampling=`) under `protocol`.
+
+    default: `uniform_indices` or `dense_indices`. ibm: its uniform or dense rule. sifa: "uniform" is its
+    T segments of one frame, "dense" its one segment of T frames `stride` apart. ivvit: its one rule (a
+    random 80/30 s clip, also in evaluation, so `rng` is required; it needs `fps`).
+    """
+    if sampling not in ("uniform", "dense"):
+        raise ValueError(f"sampling must be 'uniform' (TSN segments) or 'dense' (stride), got {sampling!r}")
+    protocols.check(protocol, sampling)
+    n, t = _check_counts(num_video_frames, num_frames)
+    if sampling == "dense" and stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if protocol == "ibm":
+        return (protocols.ibm_uniform(n, t, clip, num_clips, rng) if sampling == "uniform"
+                else protocols.ibm_dense(n, t, stride, clip, num_clips, rng))
+    if protocol == "sifa":
+        return (protocols.sifa(n, t, 1, 1, clip, num_clips, rng) if sampling == "uniform"
+                else protocols.sifa(n, 1, t, stride, clip, num_clips, rng))
+    if protocol == "ivvit":
+        return protocols.ivvit(n, t, fps, rng)
     if sampling == "uniform":
-        return uniform_indices(num_video_frames, num_frames, clip, num_clips, rng)
-    if sampling == "dense":
-        return dense_indices(num_video_frames, num_frames, stride, clip, num_clips, rng)
-    raise ValueError(f"sampling must be 'uniform' (TSN segments) or 'dense' (stride), got {sampling!r}")
+        return uniform_indices(n, t, clip, num_clips, rng)
+    return dense_indices(n, t, stride, clip, num_clips, rng)
+
+
+def random_in_evaluation(protocol: str) -> bool:
+    """Whether evaluation frames are drawn at random (IV-ViT's test clip is): the loader then passes a
+    generator seeded by (seed, video, clip), so a seed fixes them."""
+    return protocol == "ivvit"
 
 
 def _check_counts(num_video_frames: int, num_frames: int) -> tuple[int, int]:
@@ -73,44 +103,69 @@ def _check_counts(num_video_frames: int, num_frames: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- views
 
-def eval_views(num_clips: int, num_crops: int) -> list[tuple[int, int]]:
+def eval_views(num_clips: int, num_crops: int, protocol: str = "default") -> list[tuple[int, int]]:
     """(clip, crop) of every evaluation view of one video, clip-major."""
     if num_crops not in (1, 3):
         raise ValueError(f"num_crops must be 1 (centre) or 3 (along the long side), got {num_crops}")
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    protocols.check(protocol, num_crops=num_crops)
     return [(clip, crop) for clip in range(num_clips) for crop in range(num_crops)]
 
 
+def eval_short_side(crop_size: int, num_crops: int, protocol: str = "default") -> int:
+    """The short side evaluation resizes to when none is given: 256 for a 224 centre crop (default, and
+    ivvit's ShortSideScale(256)), the crop size for three crops; the crop size for ibm (its
+    disable_scaleup, as the papers ran) and sifa (its ClipResize to the crop)."""
+    protocols.check(protocol)
+    if protocol in ("ibm", "sifa"):
+        return crop_size
+    return round(crop_size * 256 / 224) if num_crops == 1 else crop_size
+
+
 def eval_window(height: int, width: int, crop_size: int, short_side: int, crop: int = 0,
-                num_crops: int = 1) -> Window:
+                num_crops: int = 1, protocol: str = "default", media: str = "video") -> Window:
     """Evaluation crop: short side resized to `short_side`, then a `crop_size` square.
 
-    One crop is the centre; three crops (SIFAR, SlowFast) are the top-left, centre and bottom-right
-    squares, which cover the long side when `short_side == crop_size`.
+    default: one crop is the centre; three crops (SIFAR, SlowFast) are the top-left, centre and
+    bottom-right squares, which cover the long side when `short_side == crop_size`. The protocols crop
+    whole pixels of the resized frame in their own places and order (`protocols.eval_crop`).
     """
     if short_side < crop_size:
         raise ValueError(f"the test short side ({short_side}) must be at least the crop size ({crop_size})")
+    protocols.check(protocol, num_crops=num_crops)
+    if protocol != "default":
+        return protocols.eval_crop(protocol, height, width, crop_size, short_side, crop, num_crops, media)
     scale = short_side / min(height, width)
     anchor = 0.5 if num_crops == 1 else (0.0, 0.5, 1.0)[crop]
     return _square_at(height, width, crop_size / scale, anchor, anchor)
 
 
 def scale_jitter_window(height: int, width: int, crop_size: int, short_side: tuple[int, int],
-                        rng: np.random.Generator) -> Window:
-    """Multi-scale jitter: short side resized to a random size in `short_side` (inclusive), then a random square."""
+                        rng: np.random.Generator, protocol: str = "default") -> Window:
+    """Multi-scale jitter: short side resized to a random size in `short_side` (inclusive), then a random
+    square (ibm, ivvit: at a whole pixel of the resized frame)."""
     lo, hi = short_side
     if lo < crop_size:
         raise ValueError(f"the smallest jitter short side ({lo}) must be at least the crop size ({crop_size})")
+    protocols.check(protocol, train_crop="scale_jitter")
+    if protocol != "default":
+        return protocols.scale_jitter(protocol, height, width, crop_size, short_side, rng)
     scale = int(rng.integers(lo, hi + 1)) / min(height, width)
     return _square_at(height, width, crop_size / scale, rng.random(), rng.random())
 
 
 def tsn_multiscale_window(height: int, width: int, rng: np.random.Generator, scales=TSN_SCALES,
-                          max_distort: int = 1) -> Window:
+                          max_distort: int = 1, protocol: str = "default", crop_size: int | None = None) -> Window:
     """TSN's multi-scale corner crop: sides from `scales` x short side (aspect distorted by at most
     `max_distort` scale steps), placed at one of 13 fixed positions (corners, centre, edge centres, quarters).
+    ibm: whole-pixel sides and steps, sides near `crop_size` snapped to it (`protocols.ibm_multiscale`).
     """
+    protocols.check(protocol, train_crop="tsn_multiscale")
+    if protocol != "default":
+        if crop_size is None:
+            raise ValueError(f"protocol {protocol!r} snaps crop sides to the crop size; pass crop_size")
+        return protocols.ibm_multiscale(height, width, crop_size, rng, scales, max_distort)
     base = min(height, width)
     sizes = [base * s for s in scales]
     pairs = [(h, w) for i, h in enumerate(sizes) for j, w in enumerate(sizes) if abs(i - j) <= max_distort]
@@ -124,8 +179,12 @@ def tsn_multiscale_window(height: int, width: int, rng: np.random.Generator, sca
 
 
 def random_resized_crop_window(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0),
-                               ratio=(3 / 4, 4 / 3), attempts: int = 10) -> Window:
-    """Inception-style crop for images: random area fraction and aspect ratio, centre crop as fallback."""
+                               ratio=(3 / 4, 4 / 3), attempts: int = 10, protocol: str = "default") -> Window:
+    """Inception-style crop for images: random area fraction and aspect ratio, centre crop as fallback.
+    sifa, ivvit: torchvision's whole-pixel version, with their area range (`protocols.random_resized_crop`)."""
+    protocols.check(protocol, train_crop="random_resized_crop")
+    if protocol != "default":
+        return protocols.random_resized_crop(protocol, height, width, rng, ratio, attempts)
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(attempts):

@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 
 INDEX_FILE = "index.parquet"
 CLASSES_FILE = "classes.txt"
-_COLUMNS = ("key", "label", "label_name", "shard", "offset", "size", "ext", "num_frames", "width", "height", "codec",
-            "sha256")
+_COLUMNS = ("key", "label", "label_name", "shard", "offset", "size", "ext", "num_frames", "fps", "width", "height",
+            "codec", "sha256")
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 

@@ -61,6 +61,13 @@ def index(shards, split) -> list[dict]:
     return pq.read_table(f"{shards}/shards/{split}/index.parquet").to_pylist()
 
 
+def stored(shards, row: dict) -> bytes:
+    """A video's bytes as the shard holds them, read where the index row points."""
+    with open(f"{shards}/shards/{row['shard']}", "rb") as tar:
+        tar.seek(row["offset"])
+        return tar.read(row["size"])
+
+
 # ---------------------------------------------------------------- shape of an epoch
 
 def test_train_batches_have_the_layout_and_fields_and_len_is_exact(shards, device):
@@ -99,10 +106,35 @@ def test_eval_frames_equal_pyav_decode_at_segment_centres(shards, device):
     for video, row, crop in zip(batch["video"], batch["video_index"].tolist(), batch["crop"].tolist()):
         if crop != 0:
             continue
-        with open(f"{shards}/shards/{rows[row]['shard']}", "rb") as tar:
-            tar.seek(rows[row]["offset"])
-            data = tar.read(rows[row]["size"])
-        want = pyav_frames(data, uniform_indices(rows[row]["num_frames"], 8))[:, :, :120]
+        want = pyav_frames(stored(shards, rows[row]), uniform_indices(rows[row]["num_frames"], 8))[:, :, :120]
+        assert psnr(video.permute(0, 2, 3, 1).cpu().numpy(), want) >= 40
+
+
+def test_protocol_ibm_delivers_its_test_clips_and_its_crops_first_last_centre(shards, device):
+    # 30 frames of 160x120, short side kept (its disable_scaleup): clip c of 3 reads int(1.875 + shift + 3.75 i)
+    # with shifts -1, 0, +1; the 120 px crops sit at x = 0, 40, 20 (steps of (160 - 120) // 4 = 10)
+    loader = load(shards, "val", device=device, mode="eval", protocol="ibm", num_clips=3, num_crops=3,
+                  crop_size=120, num_frames=8, batch_size=9, **RAW)
+    batch = next(iter(loader))
+    row = index(shards, "val")[0]
+    frames = {0: [0, 4, 8, 12, 15, 19, 23, 27], 1: [1, 5, 9, 13, 16, 20, 24, 28], 2: [2, 6, 10, 14, 17, 21, 25, 29]}
+    x0 = {0: 0, 1: 40, 2: 20}
+    assert row["num_frames"] == 30 and batch["video_index"].tolist() == [0] * 9
+    for video, clip, crop in zip(batch["video"], batch["clip"].tolist(), batch["crop"].tolist()):
+        want = pyav_frames(stored(shards, row), frames[clip])[:, :, x0[crop]:x0[crop] + 120]
+        assert psnr(video.permute(0, 2, 3, 1).cpu().numpy(), want) >= 40
+
+
+def test_protocol_ivvit_reads_a_video_shorter_than_its_clip_whole_and_crops_the_centre(shards, device):
+    # 2 s at 15 fps is shorter than its 80/30 s clip: all 30 frames, 8 of them at int(linspace(0, 29, 8));
+    # short side kept at 120: the middle 120 px of 160
+    loader = load(shards, "val", device=device, mode="eval", protocol="ivvit", crop_size=120, test_short_side=120,
+                  num_frames=8, **RAW)
+    batch = next(iter(loader))
+    rows = index(shards, "val")
+    for video, row in zip(batch["video"], batch["video_index"].tolist()):
+        assert rows[row]["num_frames"] == 30
+        want = pyav_frames(stored(shards, rows[row]), [0, 4, 8, 12, 16, 20, 24, 29])[:, :, 20:140]
         assert psnr(video.permute(0, 2, 3, 1).cpu().numpy(), want) >= 40
 
 
