@@ -96,5 +96,6 @@ def _load_families() -> None:
     import models
 
     for info in pkgutil.iter_modules(models.__path__):
-        if info.name not in {"registry", "describe", "layers", "saved"} and not info.name.startswith("_"):
+        if info.name not in {"registry", "describe", "layers", "saved", "convert", "formats"} \
+                and not info.name.startswith("_"):
             importlib.import_module(f"models.{info.name}")
