@@ -21,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -32,9 +33,13 @@ from models.saved import entries
 from models.weights import strip_prefixes, unwrap_state_dict
 
 ALLOW = ("missing", "unexpected", "mismatched")
-# Plain values that training scripts pickle beside the weights (argparse arguments, a scheduler's milestones):
-# reading them runs no code, so they need no --trust-pickle.
-_SAFE_GLOBALS = [argparse.Namespace, collections.Counter]
+# Plain values that training scripts pickle beside the weights (argparse arguments, a scheduler's milestones, a
+# best accuracy as a numpy number): rebuilding them runs no code, so they need no --trust-pickle. Numpy scalars
+# pickle their constructor under numpy 1's module name or numpy 2's.
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]
+_SAFE_GLOBALS = [argparse.Namespace, collections.Counter, np.dtype,
+                 *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32)),
+                 *((_NUMPY_SCALAR, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core"))]
 
 
 def read_source(path: str, trust_pickle: bool = False) -> Source:
@@ -86,7 +91,12 @@ def convert(src: str, out: str, model: str, format: str | None = None, num_class
                                   f"--num-classes replaces a single one, so leave it out to keep them")
         settings["heads"] = {name: num_classes for name in settings["heads"]}
     frames, size = settings.pop("num_frames", None), settings.pop("img_size", None)
-    net = build(model, num_classes=num_classes or plan.num_classes, num_frames=frames, img_size=size, **settings)
+    try:
+        net = build(model, num_classes=num_classes or plan.num_classes, num_frames=frames, img_size=size,
+                    **settings)
+    except TypeError as e:   # an option the model does not take
+        raise ConversionError(f"{model} does not take one of the options given ({e})") from None
+
     mapper = fmt.map(source, net)
     head = set(fmt.head_keys(net)) if replace else set()
     state, kept = _account(net, mapper, head, set(allow), src)

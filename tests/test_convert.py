@@ -7,6 +7,7 @@ conversion every source tensor is looked up where the mapping puts it and compar
 must have come from the file, and the loaded model runs.
 """
 import argparse
+import datetime
 import re
 
 import numpy as np
@@ -265,7 +266,7 @@ def ibm_place(key):
 
 def ibm_checkpoint(tmp_path, state, network, frames=4):
     return save(tmp_path / "ibm.pth.tar", {"state_dict": {f"module.{k}": v for k, v in state.items()}}, epoch=50,
-                arch=f"kinetics400-rgb-{network}-f{frames}-cosine-bs64-e50", best_top1=76.2, optimizer={},
+                arch=f"kinetics400-rgb-{network}-f{frames}-cosine-bs64-e50", best_top1=np.float64(76.2), optimizer={},
                 scheduler={})
 
 
@@ -588,7 +589,8 @@ AMBIGUOUS = ["backbone.conv1.weight", "head.weight", "conv1.weight", "fc.weight"
     (["fc.weight"], {}, "no_such_model", r"error: unknown model 'no_such_model'"),
     (["encoder.w"], {}, "tsn_r18", r"error: .* no known checkpoint format has keys like encoder\.w"),
     (AMBIGUOUS, {}, "tsn_r18", r"error: .* the keys fit several formats \(sifar, ibm-ar\); pass --format"),
-    (["fc.weight"], {"best": np.float64(70.1)}, "tsn_r18", r"error: .* holds pickled objects .*pass --trust-pickle"),
+    (["fc.weight"], {"day": datetime.date(2021, 5, 1)}, "tsn_r18", r"error: .* holds pickled objects besides "
+                                                                      r"tensors.*datetime.*pass --trust-pickle"),
 ], ids=["missing file", "unknown model", "unknown keys", "ambiguous keys", "pickled objects"])
 def test_the_command_line_prints_one_line_errors_without_a_traceback(tmp_path, capsys, keys, extra, model, message):
     src = save(tmp_path / "x.pth", {"state_dict": {k: rand(2) for k in keys}}, **extra) if keys else \

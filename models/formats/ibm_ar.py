@@ -53,17 +53,19 @@ class IbmArFormat(Format):
         plan = Plan(num_classes=source.shape("fc.weight")[0])
         arch = source.records.get("arch")
         match = _ARCH.fullmatch(arch) if isinstance(arch, str) else None
-        if match is None:
-            plan.defaults["temporal_pool"] = False
-            plan.notes.append("the file names no arch: no temporal pooling assumed (as in the released models, "
-                              "trained --without_t_stride)")
-            return plan
-        if match["modality"] != "rgb":
+        if match and match["modality"] != "rgb":
             raise ConversionError(f"{source.path} is a {match['modality']} model (arch {arch}); our models read RGB")
-        plan.model, plan.facts["temporal_pool"] = _our_network(match["net"], arch)
-        plan.facts["num_frames"] = int(match["frames"])
+        if match:
+            plan.facts["num_frames"] = int(match["frames"])
+        network = _our_network(match["net"], arch) if match else None
+        if network is None:
+            plan.defaults["temporal_pool"] = False
+            plan.notes.append(f"arch {arch!r} names no network this converter knows: no temporal pooling assumed "
+                              f"(the released models are trained --without_t_stride)")
+            return plan
+        plan.model, plan.facts["temporal_pool"] = network
         plan.notes.append(f"arch {arch}: {plan.model}, {match['frames']} frames, "
-                          f"temporal pooling {'on' if plan.facts['temporal_pool'] else 'off'}")
+                          f"temporal pooling {'on' if network[1] else 'off'}")
         return plan
 
     def map(self, source: Source, model: nn.Module) -> Mapper:
@@ -82,8 +84,9 @@ class IbmArFormat(Format):
         return ["head.fc.weight", "head.fc.bias"]
 
 
-def _our_network(net: str, arch: str) -> tuple[str, bool]:
-    """(our registry name, temporal pooling) of an IBM network name; an error for variants ours cannot be."""
+def _our_network(net: str, arch: str) -> tuple[str, bool] | None:
+    """(our registry name, temporal pooling) of an IBM network name, None for a name it does not know; an
+    error for the variants of their code that ours cannot be."""
     for pattern, kind, backbone in _NETWORKS:
         match = pattern.fullmatch(net)
         if match is None:
@@ -100,7 +103,7 @@ def _our_network(net: str, arch: str) -> tuple[str, bool]:
         method = kind if kind != "2d" else "tam" if found.get("tm") == "TAM" else "tsn"
         name = f"{method}_inception" if backbone == "inception" else f"{method}_r{found['depth']}"
         return name, bool(found.get("pool") or found.get("ts"))
-    raise ConversionError(f"arch {arch}: network {net!r} is none of IBM's TSN/TAM/I3D/S3D on ResNet or Inception-v1")
+    return None
 
 
 def _our_tam(theirs: str) -> str:
