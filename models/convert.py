@@ -123,8 +123,8 @@ def _settings(plan: Plan, given: dict, src: str) -> dict:
     """The authors' defaults, then what the user gave, then what the file proves; a contradiction is an error."""
     for key, value in given.items():
         if key in plan.facts and plan.facts[key] != value:
-            raise ConversionError(f"{src} was built with {key}={plan.facts[key]!r}, not {value!r}; leave "
-                                  f"{key} out to take it from the file")
+            raise ConversionError(f"{src} was built with {key}={plan.facts[key]!r}, not {value!r}; drop "
+                                  f"{key}={value!r} to take it from the file")
     settings = {**plan.defaults, **given, **plan.facts}
     for key, hint in plan.required.items():
         if key not in settings:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -38,7 +39,7 @@ class Source:
     tensors: StateDict
     records: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def keys(self) -> set[str]:
         return set(self.tensors)
 
@@ -152,13 +153,3 @@ def check_derived_buffers(mapper: Mapper, model: nn.Module, suffixes=("relative_
         raise ConversionError(f"{mapper.source.path}: the model's windows or shifts differ from the checkpoint's "
                               f"({abbrev(differ)} do not match the model's); pick the model whose window and "
                               f"image size match the release")
-
-
-def squeeze_time(key: str):
-    """(O, I, 1, k, k) -> (O, I, k, k): a 3D conv the authors wrote with a temporal kernel of one, as a 2D conv."""
-    def transform(value: torch.Tensor) -> torch.Tensor:
-        if value.dim() != 5 or value.shape[2] != 1:
-            raise ConversionError(f"{key}: expected a 1 x k x k kernel, got shape {list(value.shape)}; our model "
-                                  f"has no temporal extent there, so this network cannot be represented")
-        return value.squeeze(2)
-    return transform

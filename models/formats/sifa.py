@@ -21,8 +21,7 @@ import re
 import torch
 from torch import nn
 
-from models.formats.base import (ConversionError, Format, Mapper, Plan, Source, abbrev, check_derived_buffers,
-                                 squeeze_time)
+from models.formats.base import ConversionError, Format, Mapper, Plan, Source, abbrev, check_derived_buffers
 from models.sifa import RELEASED_R50
 from models.sifa_swin import SIFATerm, TemporalConvTerm
 from models.weights import from_original_swin
@@ -87,6 +86,16 @@ def _drop_fixed_correlation(mapper: Mapper, key: str) -> None:
         raise ConversionError(f"{mapper.source.path}: {key} is not the constant 1/C the released correlation "
                               f"uses; a learned correlation weight cannot be represented")
     mapper.drop(key, "the released correlation's frozen 1/C (attn_norm='linear')")
+
+
+def squeeze_time(key: str):
+    """(O, I, 1, k, k) -> (O, I, k, k): a 3D conv the authors wrote with a temporal kernel of one, as a 2D conv."""
+    def transform(value: torch.Tensor) -> torch.Tensor:
+        if value.dim() != 5 or value.shape[2] != 1:
+            raise ConversionError(f"{key}: expected a 1 x k x k kernel, got shape {list(value.shape)}; our model "
+                                  f"has no temporal extent there, so this network cannot be represented")
+        return value.squeeze(2)
+    return transform
 
 
 def _map_net(mapper: Mapper, model: nn.Module) -> None:
