@@ -6,7 +6,7 @@
 
 The format (`models.formats`) is detected from the keys unless given. The file written holds the weights, the
 build record (registry name and options) and the input contract the weights were trained with, so that
-`models.load(OUT)`, `python -m train eval --checkpoint OUT` and `train predict` need nothing else. Each source
+`models.load(OUT)` rebuilds the model from it alone, and whatever evaluates it can read its inputs. Each source
 tensor lands in the model, or is dropped for a stated reason (recorded in the file's `source` entry), or stops
 the conversion: a tensor without a place, a model tensor without a source or a shape that differs is an error
 naming the keys, unless the matching `--allow-*` flag keeps the model's own initialisation (and says so).
@@ -90,13 +90,13 @@ def convert(src: str, out: str, model: str, format: str | None = None, num_class
             raise ConversionError(f"{src} has one classifier per dataset ({', '.join(settings['heads'])}); "
                                   f"--num-classes replaces a single one, so leave it out to keep them")
         settings["heads"] = {name: num_classes for name in settings["heads"]}
+    names = _class_names(classes, num_classes or plan.num_classes)
     frames, size = settings.pop("num_frames", None), settings.pop("img_size", None)
     try:
         net = build(model, num_classes=num_classes or plan.num_classes, num_frames=frames, img_size=size,
                     **settings)
     except TypeError as e:   # an option the model does not take
         raise ConversionError(f"{model} does not take one of the options given ({e})") from None
-
     mapper = fmt.map(source, net)
     head = set(fmt.head_keys(net)) if replace else set()
     state, kept = _account(net, mapper, head, set(allow), src)
@@ -114,8 +114,7 @@ def convert(src: str, out: str, model: str, format: str | None = None, num_class
              f"{f', options {settings}' if settings else ''}")
     record = {"file": str(src), "format": fmt.name, "repo": fmt.repo, "loaded": len(state) - len(kept),
               "dropped": dropped, "kept": kept, "notes": [built, *plan.notes]}
-    checkpoints.save({**entries(net), "classes": _class_names(classes, num_classes or plan.num_classes),
-                      "source": record}, out)
+    checkpoints.save({**entries(net), "classes": names, "source": record}, out)
     return record
 
 

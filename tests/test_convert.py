@@ -180,6 +180,18 @@ def test_sifar_resnet_checkpoint_lands_where_the_mapping_says(tmp_path):
     assert net(torch.randn(1, 4, 3, 32, 32)).shape == (1, CLASSES)
 
 
+def test_bn_counters_missing_from_an_old_file_start_at_zero_and_the_record_says_so(tmp_path):
+    backbone = library_state(lambda: timm.create_model("resnet50", **RESNET_TINY))
+    state = {**{f"backbone.{k}": v for k, v in backbone.items() if not k.endswith("num_batches_tracked")},
+             **linear("head", CLASSES, 64)}                   # as PyTorch < 0.4.1 saved BatchNorm
+    net, record = converted(tmp_path, save(tmp_path / "old.pth", {"model": state}), "sifar_resnet50", num_frames=4,
+                            img_size=32, **RESNET_TINY)
+    counters = [k for k in net.state_dict() if k.endswith("num_batches_tracked")]
+    assert counters and set(record["kept"]) == set(counters)
+    assert all(net.state_dict()[k] == 0 for k in counters)
+    assert torch.equal(net.net.conv1.weight, state["backbone.conv1.weight"])
+
+
 def test_sifar_refuses_other_windows_and_a_stray_tensor(tmp_path):
     state = ms_swin(16, (2, 2), (1, 2), 7, 14)
     src = save(tmp_path / "sifar.pth", {"model": state}, args=sifar_args())
@@ -528,13 +540,16 @@ def test_tokshift_checkpoint_converts_on_the_command_line_and_lands_where_the_ma
         f"base_model.{k}": v for k, v in linear("head", CLASSES, DIM).items()}
     src = save(tmp_path / "best_ckpt_e17.pth", {"state_dict": {f"module.{k}": v for k, v in state.items()}},
                epoch=18, best_acc1=77.3, optimizer={}, scheduler={})
-    out = tmp_path / "tokshift.pt"
-    main([src, str(out), "--model", "ivvit_tiny_patch16_224", "--num-frames", "8",
-          *(f"--set={k}={list(v) if isinstance(v, tuple) else v}" for k, v in VIT_TINY.items())])
+    out, names = tmp_path / "tokshift.pt", [f"class {i}" for i in range(CLASSES)]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    main([src, str(out), "--model", "ivvit_tiny_patch16_224", "--num-frames", "8", "--classes",
+          str(tmp_path / "classes.txt"), *(f"--set={k}={v}" for k, v in VIT_TINY.items())])
     printed = capsys.readouterr().out
     assert "format tokshift" in printed and f"wrote {out}" in printed
     net = models.load(str(out))
-    record = torch.load(out, weights_only=True)["source"]
+    saved = torch.load(out, weights_only=True)
+    record = saved["source"]
+    assert saved["classes"] == names
     assert_landed(net, record, state, lambda key: vit_place(key, "default"))
     assert net.contract.mean == net.contract.std == (0.5, 0.5, 0.5) and net.contract.crop_size == 32
     assert net.build_record["options"] == {"token_shift": True, "fold_div": 4, **VIT_TINY}
