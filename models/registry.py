@@ -88,6 +88,10 @@ def build(name: str, num_classes: int, num_frames: int | None = None, img_size: 
     return model
 
 
+# Modules of models/ that register no model.
+_NOT_FAMILIES = {"registry", "describe", "layers", "saved", "convert", "formats"}
+
+
 def _load_families() -> None:
     # Importing a family file registers its configs; imported lazily so `models.registry` stays cheap.
     import importlib
@@ -96,5 +100,5 @@ def _load_families() -> None:
     import models
 
     for info in pkgutil.iter_modules(models.__path__):
-        if info.name not in {"registry", "describe", "layers", "saved"} and not info.name.startswith("_"):
+        if info.name not in _NOT_FAMILIES and not info.name.startswith("_"):
             importlib.import_module(f"models.{info.name}")

@@ -1,12 +1,16 @@
 """SIFA-Transformer: timm's Swin Transformer with SIFA after the window attention of its regular-window blocks.
 
 Frames are flattened into the batch, so Swin's windows stay spatial; SIFA (models.sifa) is the only exchange
-between frames. A patch embedding that strides `temporal_stride` frames (4, as in the authors' code: 16 frames
+between frames. A tubelet embedding that strides `temporal_stride` frames (4, as in the authors' code: 16 frames
 -> 4 token maps) keeps the cost of a 16-frame clip at four images. Parameter names are timm's, so a local
 timm Swin checkpoint loads with only the patch embedding inflated in time.
 
-In a regular-window (even-indexed) block: X = X + WindowAttention(LN(X)); X = X + A(X); X = X + MLP(LN(X)),
-where A is the inter-frame term of SIFA (Y = Q + A on the residual stream). Shifted-window blocks are timm's.
+In a regular-window block (one whose windows are not shifted): X = X + WindowAttention(LN(X)); X = X + A(X);
+X = X + MLP(LN(X)), where A is the inter-frame term of SIFA (Y = Q + A on the residual stream). Shifted-window
+blocks are timm's. As in the authors' code, a stage whose map is no larger than its window shifts nothing, so
+every block there is a regular-window block and runs SIFA (the last stage of a 224-pixel model: both blocks);
+and the tubelet embedding is a bare 3D conv, without the LayerNorm of Swin's image patch embedding
+(`patch_norm=True` puts it back: see `SIFASwinTransformer`).
 """
 from __future__ import annotations
 
@@ -74,11 +78,14 @@ class SIFASwinTransformer(SwinTransformer):
     """Swin on (B, T, 3, H, W) clips: space-time patch embedding, SIFA in regular-window blocks, clip logits.
 
     `sifa` holds the block options of models.sifa.SIFA plus `out_norm`; `shifted_temporal_conv=True` adds the
-    authors' temporal conv to the shifted-window blocks.
+    authors' temporal conv to the shifted-window blocks. `patch_norm=True` keeps the LayerNorm that Swin's image
+    patch embedding has and the authors' tubelet embedding drops: with it, an image Swin checkpoint loads whole
+    and a fresh model reproduces the image Swin on a static clip, at the price of no longer being the
+    authors' network.
     """
 
     def __init__(self, num_frames: int, temporal_stride: int = 4, sifa: dict | None = None,
-                 shifted_temporal_conv: bool = False, **swin_kwargs):
+                 shifted_temporal_conv: bool = False, patch_norm: bool = False, **swin_kwargs):
         super().__init__(**swin_kwargs)
         if num_frames % temporal_stride:
             raise ValueError(f"SIFA-Transformer: num_frames={num_frames} is not a multiple of temporal_stride="
@@ -89,12 +96,14 @@ class SIFASwinTransformer(SwinTransformer):
         proj = self.patch_embed.proj
         self.patch_embed.proj = nn.Conv3d(proj.in_channels, proj.out_channels, (temporal_stride, *proj.kernel_size),
                                           stride=(temporal_stride, *proj.stride))
+        if not patch_norm:
+            self.patch_embed.norm = nn.Identity()
         sifa = dict(sifa or {})
         for stage in self.layers:
-            for i, block in enumerate(stage.blocks):
-                # Blocks alternate regular (even) and shifted (odd) windows by construction; a stage whose map
-                # is no larger than a window drops the shift, but SIFA still goes where the design has W-MSA.
-                if i % 2 == 0:
+            for block in stage.blocks:
+                # timm alternates regular and shifted windows and, like the authors' code, drops the shift where
+                # the map fits in one window: SIFA goes wherever the windows end up unshifted.
+                if not any(block.shift_size):
                     _add_temporal_term(block, SIFATerm(block.dim, self.feature_frames, **sifa))
                 elif shifted_temporal_conv:
                     _add_temporal_term(block, TemporalConvTerm(block.dim, self.feature_frames))

@@ -276,25 +276,41 @@ def test_sifa_transformer_forward_and_backward():
     assert logits.shape == (2, 5)
     logits.sum().backward()
     offsets = [m.offset_next.weight.grad for m in net.modules() if isinstance(m, SIFA)]
-    assert len(offsets) == 2 and all(g.abs().sum() > 0 for g in offsets)
+    assert len(offsets) == 3 and all(g.abs().sum() > 0 for g in offsets)
 
 
-def test_sifa_sits_only_in_regular_window_blocks():
+def test_sifa_sits_in_every_block_whose_windows_are_not_shifted():
     net = models.build("sifa_swin_t", num_classes=5, num_frames=8, **tiny_swin_options())
-    for stage in net.layers:
-        for i, block in enumerate(stage.blocks):
-            has_sifa = any(isinstance(m, SIFA) for m in block.modules())
-            assert has_sifa == (i % 2 == 0)
-    assert not any(net.layers[0].blocks[0].shift_size) and any(net.layers[0].blocks[1].shift_size)
+    first, last = net.layers          # 8x8 map with 4x4 windows, then a 4x4 map: one window, nothing to shift
+    assert [bool(any(b.shift_size)) for b in first.blocks] == [False, True]
+    assert [bool(any(b.shift_size)) for b in last.blocks] == [False, False]
+    has_sifa = [[any(isinstance(m, SIFA) for m in b.modules()) for b in stage.blocks] for stage in net.layers]
+    assert has_sifa == [[True, False], [True, True]]   # the authors' rule: both blocks of the one-window stage
 
 
-def test_swin_checkpoint_loads_and_a_fresh_zero_norm_sifa_transformer_is_the_image_swin_per_frame(tmp_path):
+def test_the_tubelet_embedding_feeds_the_blocks_without_a_layer_norm_unless_patch_norm_is_asked():
+    x = torch.randn(1, 8, 3, 32, 32)
+    for patch_norm in (False, True):
+        net = models.build("sifa_swin_t", num_classes=5, num_frames=8, patch_norm=patch_norm,
+                           **tiny_swin_options()).eval()
+        seen = []
+        net.layers.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        net(x)
+        tokens = net.patch_embed.proj(x.transpose(1, 2)).permute(0, 2, 3, 4, 1).flatten(0, 1)   # (B*T', H, W, C)
+        expected = F.layer_norm(tokens, (16,), net.patch_embed.norm.weight, net.patch_embed.norm.bias) \
+            if patch_norm else tokens
+        torch.testing.assert_close(seen[0], expected)
+        assert ("patch_embed.norm.weight" in net.state_dict()) == patch_norm
+
+
+def test_swin_checkpoint_loads_and_a_fresh_zero_norm_sifa_transformer_with_patch_norm_is_the_image_swin_per_frame(
+        tmp_path):
     swin = timm.models.swin_transformer.SwinTransformer(
         img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=5).eval()
     path = tmp_path / "swin.pth"
     torch.save(swin.state_dict(), path)
     net = models.build("sifa_swin_t", num_classes=5, num_frames=4, pretrained=str(path), out_norm=True,
-                       **tiny_swin_options()).eval()
+                       patch_norm=True, **tiny_swin_options()).eval()
     frames = torch.randn(2, 2, 3, 32, 32)
     clip = frames.repeat_interleave(2, dim=1)            # each of 2 images held for 2 frames: stride 2 sees each once
     expected = swin.head.fc(torch.stack([swin.forward_head(swin.forward_features(frames[:, i]), pre_logits=True)
