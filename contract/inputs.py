@@ -18,6 +18,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)   # IBM's Inception nets (action-recognition-pytorch) scale to [-1, 1]
 INCEPTION_STD = (0.5, 0.5, 0.5)
+KINETICS_MEAN = (0.45, 0.45, 0.45)   # PyTorchVideo's defaults, which the IV-ViT code normalises with
+KINETICS_STD = (0.225, 0.225, 0.225)
 
 
 def super_grid(num_frames: int, grid: str | tuple[int, int] | None = None) -> tuple[int, int]:

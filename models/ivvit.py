@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from contract.inputs import KINETICS_MEAN, KINETICS_STD
 from models.registry import register_model
 from models.temporal import TemporalShift, check_clip
 from models.weights import load_pretrained, resize_pos_embed
@@ -122,16 +123,17 @@ def _ivvit(size, num_classes, num_frames, img_size, pretrained, heads=None, **op
 _PAPER = {"frames": 16, "img_size": 224, "source": "IV-ViT (MVA 2023): ViT-B/16, 16 frames"}
 
 
-@register_model("ivvit_tiny_patch16_224", family="ivvit", layout="BTCHW")
+@register_model("ivvit_tiny_patch16_224", family="ivvit", layout="BTCHW", mean=KINETICS_MEAN, std=KINETICS_STD)
 def ivvit_tiny_patch16_224(num_classes, num_frames=16, img_size=224, pretrained=None, **options):
     return _ivvit("tiny", num_classes, num_frames, img_size, pretrained, **options)
 
 
-@register_model("ivvit_small_patch16_224", family="ivvit", layout="BTCHW")
+@register_model("ivvit_small_patch16_224", family="ivvit", layout="BTCHW", mean=KINETICS_MEAN, std=KINETICS_STD)
 def ivvit_small_patch16_224(num_classes, num_frames=16, img_size=224, pretrained=None, **options):
     return _ivvit("small", num_classes, num_frames, img_size, pretrained, **options)
 
 
-@register_model("ivvit_base_patch16_224", family="ivvit", layout="BTCHW", paper=_PAPER)
+@register_model("ivvit_base_patch16_224", family="ivvit", layout="BTCHW", mean=KINETICS_MEAN, std=KINETICS_STD,
+                paper=_PAPER)
 def ivvit_base_patch16_224(num_classes, num_frames=16, img_size=224, pretrained=None, **options):
     return _ivvit("base", num_classes, num_frames, img_size, pretrained, **options)

@@ -24,6 +24,7 @@ import re
 import torch
 from torch import nn
 
+from contract.inputs import KINETICS_MEAN, KINETICS_STD
 from models.formats.base import ConversionError, Format, Mapper, Plan, Source
 
 _TOKSHIFT = [
@@ -122,7 +123,7 @@ class IvvitFormat(_ViTFormat):
         torchvision = f"{_PREFIX}conv_proj.weight" in source.keys
         pos, patch = (("encoder.pos_embedding", "conv_proj.weight") if torchvision else
                       ("transformer.embeddings.position_embeddings", "transformer.embeddings.patch_embeddings.weight"))
-        plan = Plan(num_classes=next(iter(heads.values())), mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225))
+        plan = Plan(num_classes=next(iter(heads.values())), mean=KINETICS_MEAN, std=KINETICS_STD)
         plan.facts.update(heads=heads, img_size=_img_size(source, _PREFIX + pos, _PREFIX + patch))
         plan.defaults["num_frames"] = 16
         # Their "ViT" model (torchvision layout) shifts nothing; their "tokenshift" model shifts with fold_div 8
