@@ -47,8 +47,8 @@ class Premade:
         for i, batch in enumerate(loader):
             if i == count:
                 break
-            self.batches.append({k: v.to(device).clone() if isinstance(v, torch.Tensor) else v
-                                 for k, v in batch.items()})
+            self.batches.append({k: v.to(device).clone() if isinstance(v, torch.Tensor) and k != "valid" else v
+                                 for k, v in batch.items()})   # `valid` stays on the host, as the loader gives it
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -10,9 +10,16 @@ Keys of a checkpoint (a dict saved with `torch.save`):
   build        how to rebuild the model: {"name", "num_classes", "num_frames", "img_size", "options"}
                (`models.build(**build)` gives the architecture the weights belong to)
   contract     the input contract the weights were trained with (`contract.inputs.InputContract.to_dict`)
-  classes      class names, line i naming label i (the shards' classes.txt), or None if unknown
+  classes      class names, line i naming label i (the shards' classes.txt), or None if unknown;
+               a run over several datasets (IV-ViT) stores {dataset: names or None}
   Training runs add: optimizer, scheduler, scaler, ema, epoch, updates, best, sources, rng, world_size,
   config (the resolved recipe, credentials redacted). Converted files add: source (what was converted).
+
+Where checkpoints live:
+  <run>/checkpoints/epoch<E>-update<U>.pt and a `latest` pointer    a plain run (or run.storage)
+  <storage>/<run name>/checkpoint_<time>/state.pt                   Ray Train (ray.storage_path, by default
+                                                                    <run>/ray); a folder per reported checkpoint
+`resolve` turns any of these folders, or a file, into the file to read.
 
 Files are read with `torch.load(weights_only=True)`: a checkpoint is data, never code, so every value
 stored must be a tensor, a number, a string, None or a list, tuple or dict of those.
@@ -20,6 +27,7 @@ stored must be a tensor, a number, a string, None or a list, tuple or dict of th
 from __future__ import annotations
 
 import io
+import os
 import re
 
 import fsspec
@@ -27,7 +35,11 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 FORMAT = "vidscale-checkpoint/1"
-LATEST = "latest"   # a small text object naming the newest checkpoint file, written after it
+LATEST = "latest"        # a small text object naming the newest checkpoint file, written after it
+FOLDER = "checkpoints"   # a plain run's checkpoint folder, inside its run folder
+STATE = "state.pt"       # the file inside a Ray Train checkpoint folder
+RAY_FOLDER = "ray"       # Ray Train's storage inside the run folder when ray.storage_path is not set
+RAY_PREFIX = "checkpoint_"   # Ray Train's checkpoint folders: checkpoint_<time>, newest last by name
 _NAME = re.compile(r"epoch\d+-update\d+\.pt")
 
 
@@ -56,17 +68,45 @@ def save(state: dict, url: str, storage_options: dict | None = None) -> None:
         fs.pipe_file(path, buffer.getvalue())   # object stores publish a PUT whole or not at all
 
 
-def load(url: str, storage_options: dict | None = None) -> dict:
-    """A checkpoint file, or the latest one of a checkpoint folder (runs/<run>/checkpoints)."""
+def resolve(url: str, storage_options: dict | None = None) -> str:
+    """The checkpoint file that `url` names, local or in a bucket.
+
+    `url` is a checkpoint file; a checkpoint folder (a plain run's `checkpoints/`: its latest file; a Ray
+    `checkpoint_<time>/`: its state.pt); or a run folder (a plain run's, or Ray's `<storage>/<run name>`:
+    its newest checkpoint_<time>/; or a Ray run's folder that keeps Ray's storage in `ray/`). Local paths
+    come back absolute, so the name still holds in a process with another working directory (Ray workers).
+    """
+    url = url.rstrip("/")
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
     fs, path = _fs(url, storage_options)
-    if fs.isdir(path):
-        latest = CheckpointStore(url, storage_options=storage_options).latest()
-        if latest is None:
-            raise FileNotFoundError(f"checkpoint folder {url!r} holds no checkpoint yet")
-        return load(latest, storage_options)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"checkpoint {url!r} does not exist; give a checkpoint file written by "
-                                f"`python -m train fit` (runs/<name>-<time>/checkpoints/*.pt)")
+    if fs.isfile(path):
+        return url
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"checkpoint {url!r} does not exist; give a run folder (runs/<run>), its "
+                                f"checkpoints folder, a Ray checkpoint_<time> folder or a checkpoint file")
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    if STATE in names:
+        return f"{url}/{STATE}"
+    latest = CheckpointStore(url, storage_options=storage_options).latest()
+    if latest is not None:
+        return latest
+    if FOLDER in names:
+        return resolve(f"{url}/{FOLDER}", storage_options)
+    reported = sorted(n for n in names if n.startswith(RAY_PREFIX) and fs.exists(f"{path}/{n}/{STATE}"))
+    if reported:
+        return f"{url}/{reported[-1]}/{STATE}"
+    run_name = path.rstrip("/").rsplit("/", 1)[-1]
+    if RAY_FOLDER in names and fs.isdir(f"{path}/{RAY_FOLDER}/{run_name}"):
+        return resolve(f"{url}/{RAY_FOLDER}/{run_name}", storage_options)
+    raise FileNotFoundError(f"folder {url!r} holds no checkpoint yet (no {FOLDER}/, no *.pt with a {LATEST!r} "
+                            f"pointer, no {RAY_PREFIX}<time>/{STATE}); give the folder of a run that saved one")
+
+
+def load(url: str, storage_options: dict | None = None) -> dict:
+    """The checkpoint that `url` names (any file or folder `resolve` accepts)."""
+    url = resolve(url, storage_options)
+    fs, path = _fs(url, storage_options)
     with fs.open(path, "rb") as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 

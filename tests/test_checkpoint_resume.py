@@ -36,11 +36,11 @@ def final_state(run_dir) -> dict:
 def test_a_stopped_and_resumed_run_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
     whole = fit(tiny_config(tmp_path / "whole", **RECIPE))
 
-    # Stop after update 3: the last checkpoint is update 2, mid-epoch (4 of 8 batches consumed).
+    # Stop after update 3: its final state is saved, mid-epoch (6 of 8 batches consumed).
     stopped = fit(tiny_config(tmp_path / "parts", **{**RECIPE, "train": {**RECIPE["train"], "max_updates": 3}}))
     assert stopped["stopped_early"] and stopped["updates"] == 3
     point = final_state(stopped["run_dir"])
-    assert (point["epoch"], point["updates"], point["sources"]["main"]["consumed"]) == (0, 2, 4)
+    assert (point["epoch"], point["updates"], point["sources"]["main"]["consumed"]) == (0, 3, 6)
 
     resumed = fit(tiny_config(tmp_path / "parts", **{**RECIPE, "run": {"resume": "auto"}}))
     assert resumed["updates"] == whole["updates"] == 8
@@ -63,7 +63,7 @@ def test_checkpoints_go_to_an_s3_bucket_and_a_run_resumes_from_there(tmp_path, m
         bucket = {"run": {"storage": "s3://runs/tiny/checkpoints"}}
         stopped = fit(tiny_config(tmp_path, **{**RECIPE, **bucket, "train": {**RECIPE["train"], "max_updates": 3}}))
         names = checkpoints.CheckpointStore("s3://runs/tiny/checkpoints").names()
-        assert names == ["epoch0000-update00000002.pt"]
+        assert names == ["epoch0000-update00000002.pt", "epoch0000-update00000003.pt"]   # update 3: the final state
         resumed = fit(tiny_config(tmp_path, **{**RECIPE, "run": {**bucket["run"], "resume": "auto"}}))
     finally:
         server.stop()

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from train_support import SyntheticLoader
 
-from train.evaluate import (ViewScores, accuracy, evaluate, gather, predict, report_markdown,
-                            spatiotemporal_effects, summarize)
+from train.evaluate import (ViewScores, accuracy, confusion, evaluate, evaluate_views, gather, predict,
+                            report_markdown, spatiotemporal_effects, summarize, write_report)
 
 
 class MotionProbe(nn.Module):
@@ -163,3 +163,40 @@ def test_the_markdown_report_has_a_row_per_frame_order_and_the_effects_table():
               "effects": {"main": spatiotemporal_effects(_report(60.0, 45.0), _report(40.0))}}
     text = report_markdown(report)
     assert "| normal | 100.00 |" in text and "| shuffled |" in text and "| main | +0.375 | +0.125 |" in text
+
+
+class HorizontalOnly(MotionProbe):
+    """Tells right from left, but has no opinion on up and down: those videos all go to class 0."""
+
+    def forward(self, x):
+        scores = super().forward(x)
+        return torch.cat([scores[:, :2], torch.zeros_like(scores[:, 2:])], dim=1)
+
+
+def test_the_report_adds_per_class_accuracy_a_confusion_matrix_and_per_video_scores(tmp_path):
+    import pyarrow.parquet as pq
+    from train.metrics import write_index
+
+    views = evaluate_views(HorizontalOnly(), loader(videos=8, clips=2, crops=1), **KW)
+    scores, coverage = views["normal"]
+    names = ["right", "left", "down", "up"]
+    report = {"model": "probe", "dataset": "main", "checkpoint": None, "views": 2, "classes": {"main": names},
+              "coverage": {"main": coverage}, "results": {"main": {"normal": summarize(scores)}}}
+    write_report(report, tmp_path, {"main": {"normal": scores}})
+
+    per_class = report["results"]["main"]["normal"]["video"]["per_class"]
+    assert [(c["count"], c["top1"]) for c in per_class] == [(2, 100.0), (2, 100.0), (2, 0.0), (2, 0.0)]
+    _, labels, video_logits = scores.per_video()
+    assert confusion(video_logits, labels).tolist() == [[2, 0, 0, 0], [0, 2, 0, 0], [2, 0, 0, 0], [2, 0, 0, 0]]
+    assert (tmp_path / "confusion-main.png").read_bytes()[:4] == b"\x89PNG"
+    text = (tmp_path / "eval_report.md").read_text()
+    assert "**8 of 8 videos evaluated.**" in text and "| 2 | down | 2 | 0.00 |" in text
+
+    rows = pq.read_table(tmp_path / "scores.parquet").to_pylist()      # one row per video: its views averaged
+    assert len(rows) == 8 and {r["order"] for r in rows} == {"normal"}
+    for row in rows:
+        mine = [i for i, key in enumerate(scores.keys) if key == row["key"]]
+        assert len(mine) == 2 and row["label"] == scores.labels[mine[0]]
+        np.testing.assert_allclose(row["scores"], scores.logits[mine].mean(0), rtol=1e-6)
+    index = write_index(tmp_path).read_text()
+    assert "`scores.parquet`" in index and "`confusion-main.png`" in index and "`eval_report.md`" in index

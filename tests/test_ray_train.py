@@ -93,7 +93,7 @@ def test_the_distributed_evaluation_counts_every_video_once_and_matches_one_proc
 
 
 def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint_and_ends_with_the_same_weights(
-        two_workers, bucket, tmp_path):
+        two_workers, bucket, tmp_path, capfd):
     from train.ray_train import fit_with_ray
     marker = tmp_path / "died"
     cfg = ray_config(tmp_path, max_failures=1, train={"log_every": 2, "checkpoint_every": 1},
@@ -104,14 +104,35 @@ def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint_and_ends_with_
     a, b = state_in(bucket, two_workers["checkpoint"]), state_in(bucket, restarted["checkpoint"])
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+    # Ray Train patches print() in its workers; the loop's lines reach the driver once each all the same
+    captured = capfd.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines()
+             if "| update " in line or "validation after epoch" in line]
+    assert any("| update " in line for line in lines) and any("validation after" in line for line in lines)
+    assert len(set(lines)) == len(lines), lines
 
 
-def test_the_command_line_evaluates_a_checkpoint_over_two_workers(two_workers, tmp_path):
+def test_eval_takes_a_ray_run_folder_or_checkpoint_folder_in_the_bucket(two_workers, bucket):
+    from contract import checkpoints
+    run = Path(two_workers["run_dir"]).name
+    newest = f"s3://{two_workers['checkpoint']}/state.pt"
+    assert checkpoints.resolve(f"s3://runs/ray/{run}") == newest
+    assert checkpoints.resolve(f"s3://{two_workers['checkpoint']}") == newest
+
+
+def test_the_command_line_evaluates_a_ray_run_folder_given_by_a_relative_path_over_two_workers(
+        two_workers, bucket, tmp_path, monkeypatch):
+    """Ray Train runs its workers in another folder: the driver resolves the path before they start."""
     import json
 
     from train import cli
-    checkpoint = f"s3://{two_workers['checkpoint']}/state.pt"
-    returned = cli.main(["eval", "--checkpoint", checkpoint, "--workers", "2", "--run-dir", str(tmp_path / "eval")])
+    run = Path(two_workers["run_dir"]).name
+    bucket.get(f"runs/ray/{run}", str(tmp_path / "ray" / run), recursive=True)
+    monkeypatch.chdir(tmp_path)
+    returned = cli.main(["eval", "--checkpoint", f"ray/{run}", "--workers", "2", "--run-dir", str(tmp_path / "eval"),
+                         "imports=[train_support]", "data.loader=train_support:SyntheticLoader"])
     written = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
     trained = json.loads((Path(two_workers["run_dir"]) / "eval_report.json").read_text())
-    assert written["results"] == returned["results"] == trained["results"] and written["checkpoint"] == checkpoint
+    assert written["results"] == returned["results"] == trained["results"]
+    assert written["checkpoint"] == str(tmp_path / "ray" / run / Path(two_workers["checkpoint"]).name / "state.pt")
+    assert (tmp_path / "eval" / "scores.parquet").exists() and (tmp_path / "eval" / "README.md").exists()

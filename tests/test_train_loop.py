@@ -21,7 +21,7 @@ from train import cli
 from train.clips import untile
 from train.config import ConfigError, load_config
 from train.loop import Trainer, fit, mix_clips, pick_amp
-from train.metrics import read_metrics
+from train.metrics import MetricsLogger, Progress, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,12 +125,107 @@ def test_progress_lines_and_metrics_report_rate_data_wait_and_eta(tmp_path, caps
     assert np.mean([r["data_wait"] for r in records]) > 0.3   # the loader sleeps 0.3 s before each batch
 
 
+class Batches:
+    """A loader that hands out given batches (an update's worth, made by the test)."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches, self.failures = batches, []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def trainer_on(tmp_path, batches: list[dict], **values) -> Trainer:
+    from train.data import Source
+    from train.loop import setup
+    cfg = tiny_config(tmp_path, **values)
+    model, device = setup(cfg)
+    return Trainer(cfg, model, [Source("main", Batches(batches))], device=device)
+
+
+def some_clips(n=8) -> dict:
+    from train_support import SyntheticLoader
+    return next(iter(SyntheticLoader(f"synthetic:{n}", batch_size=n, num_frames=8, crop_size=16, layout="BCTHW")))
+
+
+def test_stand_ins_take_no_part_in_the_loss_or_in_mixup(tmp_path):
+    """The loss over a batch with stand-ins is the loss over its valid samples alone, Mixup included."""
+    batch = some_clips()
+    valid = torch.tensor([True, True, False, True, True, False, True, True])
+    flagged = {**batch, "valid": valid}
+    kept = {k: v[valid] if isinstance(v, torch.Tensor) else [x for x, ok in zip(v, valid) if ok]
+            for k, v in batch.items()}
+    trainer = trainer_on(tmp_path, [batch], aug={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
+                         model={"options": {"dropout": 0.0, "batchnorm": False}})
+    losses = {}
+    for name, b in (("flagged", flagged), ("kept", kept), ("all", batch)):
+        np.random.seed(0)                                   # the same Mixup draws for each
+        losses[name] = trainer.forward_loss(b, "main")
+    assert losses["flagged"][1] == losses["kept"][1] == 6
+    assert torch.equal(losses["flagged"][0], losses["kept"][0])
+    assert not torch.equal(losses["flagged"][0], losses["all"][0])   # the two stand-ins would have counted
+
+
+def test_an_update_of_stand_ins_only_changes_no_weight_and_logs_no_nan(tmp_path):
+    batch = {**some_clips(), "valid": torch.zeros(8, dtype=torch.bool)}
+    # SGD with momentum and weight decay would move every weight even on a zero gradient
+    trainer = trainer_on(tmp_path, [batch], optim={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.1})
+    before = {k: v.clone() for k, v in trainer.module.named_parameters()}
+    trainer.logger = MetricsLogger(tmp_path / "run")
+    trainer.update(1)
+    trainer._log_train(Progress(trainer.total_updates, enabled=False))
+    trainer.logger.close()
+    for name, value in trainer.module.named_parameters():
+        assert torch.equal(value, before[name]), name
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert trainer.updates == 1 and record["empty_updates"] == 1 and record["stand_ins"] == 8
+    assert record["loss"] is None                          # no loss over no sample: not NaN
+
+
+def test_progress_lines_and_metrics_carry_the_loader_failures_of_each_epoch(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = fit(tiny_config(tmp_path, data={"train": {"options": {"broken": [3, 7]}}}, train={"eval_every": 0},
+                          eval={"at_end": False}))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
+    progress = [line for line in lines if "| update " in line]
+    assert len(progress) == 8 and all("| failed " in line for line in progress)
+    assert progress[3].split("| failed ")[1].startswith("2 |") and progress[7].split("| failed ")[1].startswith("2 |")
+    assert sum("2 training samples could not be read" in line for line in lines) == 2   # a line per epoch
+    records = read_metrics(Path(run["run_dir"]) / "metrics.jsonl")
+    per_epoch = [r for r in records if r["split"] == "failures"]
+    assert [(r["epoch"], r["count"]) for r in per_epoch] == [(0, 2), (1, 2)]
+    assert {s["key"] for s in per_epoch[0]["samples"]} == {"vid00003", "vid00007"}
+    train = [r for r in records if r["split"] == "train"]
+    for epoch in (0, 1):                 # each broken video stood in once per epoch, left out of the loss
+        assert sum(r["stand_ins"] for r in train if r["epoch"] == epoch) == 2
+    assert max(r["failures"] for r in train if r["epoch"] == 1) == 2   # counted afresh in the second epoch
+    events = EventAccumulator(str(Path(run["run_dir"]) / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("failures/count")] == [2, 2]
+
+
+def test_a_run_stopped_by_max_updates_saves_its_final_state_and_counts_its_eta_to_that_stop(tmp_path, capsys):
+    run = fit(tiny_config(tmp_path, sched={"epochs": 30}, train={"max_updates": 3, "eval_every": 0},
+                          eval={"at_end": False}))
+    state = checkpoints.load(str(tmp_path / "run"))          # the README's next step: eval --checkpoint runs/<run>
+    assert run["updates"] == state["updates"] == 3
+    lines = [line for line in capsys.readouterr().err.splitlines() if "| update " in line]
+    # the ETA is the time for the updates left of these 3, not of the schedule's 120
+    assert [line.split("| update ")[1].split(" |")[0] for line in lines] == ["1/3", "2/3", "3/3"]
+
+
 def test_a_run_folder_holds_config_metrics_tensorboard_checkpoints_curves_and_report(tmp_path):
     cfg = tiny_config(tmp_path, sched={"epochs": 1}, eval={"clips": 2, "crops": 3, "orders": ["normal", "reversed"]})
     run = Path(fit(cfg)["run_dir"])
     assert load_config(run / "config.yaml") == cfg
     splits = {r["split"] for r in read_metrics(run / "metrics.jsonl")}
-    assert splits == {"train", "val"}
+    assert splits == {"train", "failures", "val"}
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "latest").read_text().startswith("epoch0001")
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -181,7 +276,7 @@ def test_several_datasets_train_in_a_fixed_alternating_order_one_batch_each(tmp_
 def test_every_layout_trains_with_mixup_cutmix_label_smoothing_and_channels_last(tmp_path, layout):
     run = fit(tiny_config(tmp_path, layout=layout, aug={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
                           train={"max_updates": 2, "eval_every": 0, "channels_last": True}, eval={"at_end": False}))
-    losses = [r["loss"] for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl")]
+    losses = [r["loss"] for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl") if r["split"] == "train"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
@@ -229,13 +324,15 @@ def test_bf16_autocast_is_used_where_asked_and_auto_keeps_the_cpu_in_fp32(tmp_pa
     assert pick_amp("auto", torch.device("cpu")) is None
     assert pick_amp("bf16", torch.device("cpu")) == torch.bfloat16
     run = fit(tiny_config(tmp_path, train={"amp": "bf16", "max_updates": 2, "eval_every": 0}, eval={"at_end": False}))
-    assert all(math.isfinite(r["loss"]) for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl"))
+    train = [r for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl") if r["split"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train)
 
 
 def test_fp16_autocast_trains_with_a_grad_scaler_whose_state_the_checkpoint_carries(tmp_path):
     run = fit(tiny_config(tmp_path, train={"amp": "fp16", "max_updates": 2, "checkpoint_every": 1, "eval_every": 0},
                           eval={"at_end": False}))
-    assert all(math.isfinite(r["loss"]) for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl"))
+    train = [r for r in read_metrics(Path(run["run_dir"]) / "metrics.jsonl") if r["split"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train)
     scaler = checkpoints.load(checkpoints.CheckpointStore(f"{run['run_dir']}/checkpoints").latest())["scaler"]
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 2     # two steps taken without overflow
 
@@ -292,6 +389,9 @@ def test_a_free_form_section_given_whole_replaces_the_base_one_and_a_dotted_key_
     assert load_config(tmp_path / "cnn.yaml", ["model.options={arch: resnet34}"])["model"]["options"] == {"arch": "resnet34"}
 
 
+CODE = ["imports=[train_support]", "data.loader=train_support:SyntheticLoader"]   # never read from a checkpoint
+
+
 def test_the_command_line_fits_then_evaluates_a_checkpoint(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     cfg = tiny_config(tmp_path)
@@ -299,7 +399,7 @@ def test_the_command_line_fits_then_evaluates_a_checkpoint(tmp_path):
     run = cli.main(["fit", "--config", str(recipe), "sched.epochs=1", "train.eval_every=0", "eval.at_end=false",
                     "--run-dir", str(tmp_path / "run")])
     checkpoint = str(sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))[-1])
-    report = cli.main(["eval", "--checkpoint", checkpoint, "eval.clips=2", "eval.orders=[normal,shuffled]"])
+    report = cli.main(["eval", "--checkpoint", checkpoint, *CODE, "eval.clips=2", "eval.orders=[normal,shuffled]"])
     assert run["updates"] == 4
     assert report["results"]["main"]["shuffled"]["video"]["count"] == 12 and report["views"] == 2
     assert len(list((tmp_path / "run").glob("eval-*/eval_report.md"))) == 1   # beside the run, not over its report
@@ -333,3 +433,41 @@ def test_a_sample_recipe_trains_and_evaluates_end_to_end_on_real_shards(tmp_path
         {"normal": 8, "reversed": 8, "shuffled": 8}                # every validation video, once per order
     again = cli.main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "eval.orders=[normal]"])
     assert again["results"]["main"]["normal"] == report["results"]["main"]["normal"]
+
+
+def test_a_damaged_shard_shows_its_failures_in_the_fit_metrics_and_fails_eval_unless_allowed(tmp_path,
+                                                                                             sample_shards):
+    """Half a training tar cut off: the samples past the cut are counted in the run's metrics, and an
+    evaluation of that split exits non-zero, listing them, unless --allow-missing is given."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    index = pq.read_table(shards / "train" / "index.parquet").to_pylist()
+    tar = shards / index[0]["shard"]
+    cut = tar.stat().st_size // 2
+    tar.write_bytes(tar.read_bytes()[:cut])
+    lost = {r["key"] for r in index if r["shard"] == index[0]["shard"] and r["offset"] + r["size"] > cut}
+    assert 0 < len(lost) < len(index)
+
+    data = [f"data.train.shards={shards}", f"data.val.shards={shards}", "data.val.options.split=train",
+            "model.num_classes=4", "model.img_size=32", "data.batch_size=4", "eval.clips=1", "eval.orders=[normal]"]
+    cli.main(["fit", "--config", str(REPO / "configs" / "sample_tsm.yaml"), *data, "sched.epochs=1",
+              "train.eval_every=0", "train.log_every=1", "eval.at_end=false", "--run-dir", str(tmp_path / "run")])
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    epoch = next(r for r in records if r["split"] == "failures")
+    assert epoch["count"] == len(lost) and {s["key"] for s in epoch["samples"]} == lost
+    assert all(s["stage"] == "fetch" for s in epoch["samples"])
+    assert [r for r in records if r["split"] == "train"][-1]["failures"] == len(lost)
+
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--run-dir", str(tmp_path / "eval")])
+    assert refused.value.code != 0
+    written = (tmp_path / "eval" / "eval_report.md").read_text()              # the report is there all the same
+    assert f"{len(index) - len(lost)} of {len(index)} videos evaluated" in written
+    report = cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--allow-missing"])
+    coverage = report["coverage"]["main"]
+    assert (coverage["videos"], coverage["evaluated"]) == (len(index), len(index) - len(lost))
+    assert {m["key"] for m in coverage["missing"]} == lost
+    assert report["results"]["main"]["normal"]["video"]["count"] == len(index) - len(lost)

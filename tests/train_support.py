@@ -3,13 +3,16 @@
 `SyntheticLoader` takes pipelines.loader.VideoLoader's constructor and yields the same batch dicts, from
 clips rendered in memory: a bright square on a noisy background moving right, left, down or up, so the
 class is the direction of motion (classes 0/1 and 2/3 are time reversals of each other). Batches are a
-pure function of (seed, epoch, rank, world_size), as the real loader's are. Importing this module
-registers the tiny models below (test-only names, prefix `test_`).
+pure function of (seed, epoch, rank, world_size), as the real loader's are. Like the real loader it has
+an `index` (every video's key, the class names) and reports the videos it "cannot read" (`broken`) in
+`failures`, putting stand-ins flagged valid=False in their places. Importing this module registers the
+tiny models below (test-only names, prefix `test_`).
 """
 from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,13 +38,19 @@ def render(label: int, rng: np.random.Generator, num_frames: int, size: int) -> 
 
 
 class SyntheticLoader:
-    """shards: "synthetic:<number of videos>"; video v has label v % num_classes and key "vid<v>"."""
+    """shards: "synthetic:<number of videos>"; video v has label v % num_classes and key "vid<v>".
+
+    `class_names` (default class0, class1, ...) is what the shards' classes.txt would say; `broken` lists
+    videos whose every view is replaced by a stand-in: the last good view before it, flagged invalid."""
 
     def __init__(self, shards, batch_size, num_frames=8, sampling="uniform", mode="train", *, split=None,
                  num_clips=1, num_crops=1, crop_size=16, layout="BTCHW", device="cpu", device_id=0, rank=0,
                  world_size=1, seed=0, num_classes=4, grid=None, delay=0.0, die_at_batch=None, die_marker=None,
-                 **_):
+                 class_names=None, broken=(), **_):
         self.num_videos = int(str(shards).split(":")[-1])
+        names = tuple(class_names) if class_names is not None else tuple(f"class{c}" for c in range(num_classes))
+        self.index = SimpleNamespace(keys=np.array([f"vid{v:05d}" for v in range(self.num_videos)]), class_names=names)
+        self.broken, self.failures = set(broken), []
         self.batch_size, self.num_frames, self.mode, self.size = batch_size, num_frames, mode, crop_size
         self.views = [(0, 0)] if mode == "train" else [(c, k) for c in range(num_clips) for k in range(num_crops)]
         self.layout, self.grid, self.rank, self.world_size, self.seed = layout, grid, rank, world_size, seed
@@ -76,8 +85,29 @@ class SyntheticLoader:
         key = [self.seed, self.epoch, video] if self.mode == "train" else [video, clip, crop]
         return render(video % self.num_classes, np.random.default_rng(key), self.num_frames, self.size)
 
+    def _stand_ins(self, views: list) -> tuple[list, list]:
+        """The views with those of broken videos replaced by the last good view before them, flagged
+        invalid; and for each position the broken video behind it, or None."""
+        out, behind, good = [], [], next(v for v in views if v[0] not in self.broken)
+        for view in views:
+            if view[0] in self.broken:
+                out.append(good[:3] + (False,))
+                behind.append(view[0])
+            else:
+                good = view
+                out.append(view)
+                behind.append(None)
+        return out, behind
+
+    def _record(self, video: int) -> None:
+        """A broken video goes into `failures` once per iteration, when its batch is delivered."""
+        if all(f["video_index"] != video for f in self.failures):
+            self.failures.append({"key": f"vid{video:05d}", "video_index": video, "shard": "synthetic",
+                                  "stage": "decode", "reason": "made unreadable by the test"})
+
     def __iter__(self):
-        views = self._views()
+        self.failures = []
+        views, behind = self._stand_ins(self._views())
         for b in range(len(self)):
             if self.die_at_batch == b and self.rank == self.world_size - 1 and not os.path.exists(self.die_marker):
                 open(self.die_marker, "w").close()
@@ -85,6 +115,9 @@ class SyntheticLoader:
             if self.delay:
                 time.sleep(self.delay)
             chunk = views[b * self.batch_size:(b + 1) * self.batch_size]
+            for broken in behind[b * self.batch_size:(b + 1) * self.batch_size]:
+                if broken is not None:
+                    self._record(broken)
             video = torch.from_numpy(np.stack([self._clip(v, c, k) for v, c, k, _ in chunk]))
             if self.layout == "BCTHW":
                 video = video.transpose(1, 2).contiguous()

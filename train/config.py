@@ -3,8 +3,10 @@
 A recipe names only what differs from `DEFAULTS`; the resolved config (every key, after inheritance and
 overrides) is what a run saves to its folder, so a run can always be repeated from its own folder.
 Keys are checked against `DEFAULTS`: a typo is an error that names the key and the nearest real one,
-never a silently ignored setting. Sections marked free-form (`{}` defaults such as `model.options`) are
-passed through to the component that owns them.
+never a silently ignored setting. Values are checked against their default's type (or `TYPES`, where
+the default is None) and against `MINIMUM`, so `optim.lr=abc` or `sched.epochs=0` is refused in one line
+before anything runs. Sections marked free-form (`{}` defaults such as `model.options`) are passed
+through to the component that owns them.
 """
 from __future__ import annotations
 
@@ -120,6 +122,26 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+NUMBER = (int, float)
+# The type of each key whose default is None, or whose default's type says too little; every other key
+# takes its default's type (an int default takes integers, a float default any number).
+TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "init_from": str, "model.name": str, "model.num_classes": int, "model.pretrained": str,
+    "data.train.shards": str, "data.val.shards": str, "optim.lr_reference_batch": NUMBER, "optim.clip_grad": NUMBER,
+    "aug.cutmix_minmax": list, "train.amp": (str, bool), "train.channels_last": (str, bool),
+    "train.ema_decay": NUMBER, "train.max_updates": int, "eval.reference": str, "eval.batch_size": int,
+    "run.dir": str, "run.storage": str, "run.resume": str, "ray.address": str, "ray.gpus_per_worker": NUMBER,
+    "ray.cpus_per_worker": NUMBER, "ray.storage_path": str, "ray.s3_endpoint": str,
+}
+MINIMUM = {"model.num_classes": 1, "model.num_frames": 1, "model.img_size": 1, "data.batch_size": 1, "optim.lr": 0,
+           "optim.accum_steps": 1, "sched.epochs": 1, "sched.warmup_epochs": 0, "train.log_every": 1,
+           "train.eval_every": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 1, "train.max_updates": 1,
+           "eval.clips": 1, "eval.crops": 1, "eval.batch_size": 1, "ray.workers": 1, "ray.gpus_per_worker": 0,
+           "ray.cpus_per_worker": 0, "ray.max_failures": 0}
+_TYPE_NAMES = {int: "an integer", NUMBER: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "a section of key: value", (str, bool): "a string or true/false"}
+
+
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names it and the fix."""
 
@@ -222,7 +244,45 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     return cfg
 
 
+def _expected_type(key: str, default: Any) -> type | tuple[type, ...] | None:
+    if key in TYPES:
+        return TYPES[key]
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return bool
+    return NUMBER if isinstance(default, float) else type(default)
+
+
+def _is_a(value: Any, expected: type | tuple[type, ...]) -> bool:
+    if isinstance(value, bool):   # YAML's true/false are ints to Python; only a bool key takes them
+        return expected is bool or (isinstance(expected, tuple) and bool in expected)
+    return isinstance(value, expected)
+
+
+def _check_values(cfg: dict, schema: dict, where: str) -> None:
+    """Every value against its key's type and minimum; a section given a value is named as a section."""
+    for key, default in schema.items():
+        name, value = f"{where}{key}", cfg.get(key)
+        if isinstance(default, dict) and default:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}={value!r}: {name} is a section, not a value; set its keys, e.g. "
+                                  f"{name}.{next(iter(default))}=...")
+            _check_values(value, default, f"{name}.")
+            continue
+        expected = _expected_type(name, default)
+        if value is None and default is None:
+            continue
+        if expected is not None and not _is_a(value, expected):
+            raise ConfigError(f"{name}={value!r}: expected {_TYPE_NAMES.get(expected, expected)}, got "
+                              f"{type(value).__name__}")
+        if name in MINIMUM and value is not None and value < MINIMUM[name]:
+            raise ConfigError(f"{name}={value!r}: must be at least {MINIMUM[name]}")
+
+
 def validate(cfg: dict) -> dict:
+    """`cfg` checked: every value's type and range, then the settings that depend on each other."""
+    _check_values(cfg, DEFAULTS, "")
     if not cfg["model"]["name"]:
         raise ConfigError("model.name is not set; pick one from `python -m models.describe --list`")
     datasets = cfg["data"]["datasets"]
@@ -231,6 +291,9 @@ def validate(cfg: dict) -> dict:
     for name, ds in datasets.items():
         if not isinstance(ds, dict) or "num_classes" not in ds:
             raise ConfigError(f"data.datasets.{name} needs num_classes (and train/val shards)")
+        if not _is_a(ds["num_classes"], int) or ds["num_classes"] < 1:
+            raise ConfigError(f"data.datasets.{name}.num_classes={ds['num_classes']!r}: expected an integer of "
+                              f"at least 1")
     if cfg["optim"]["accum_steps"] < 1:
         raise ConfigError(f"optim.accum_steps must be >= 1, got {cfg['optim']['accum_steps']}")
     amp = str(cfg["train"]["amp"]).lower()

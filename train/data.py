@@ -1,8 +1,12 @@
 """Loaders for a run, built from its config, and the bookkeeping that makes resuming exact.
 
 Any class with VideoLoader's constructor works (`data.loader: "module:Class"`): it yields dicts
-{video, label, key, ...}, has len() (batches per epoch on this rank) and set_epoch(epoch), and its
-batches are a pure function of (seed, epoch, rank, world_size). A `Source` remembers how many
+{video, label, key, valid, ...}, has len() (batches per epoch on this rank), set_epoch(epoch) and
+`failures` (the samples of the current iteration it could not read, as dicts {key, video_index, shard,
+stage, reason}; their places in the batches hold stand-ins flagged valid=False), and its batches are a
+pure function of (seed, epoch, rank, world_size). A loader may have an `index` with `keys` (every video
+of its split) and `class_names` (the shards' classes.txt, or None); without one, the classes cannot be
+checked and the evaluation's coverage is counted from what was delivered and what failed. A `Source` remembers how many
 batches of the current epoch were consumed, so a resumed run can start at the next one. A loader whose
 set_epoch takes `start_batch` jumps there directly; any other is advanced by reading and dropping.
 """
@@ -15,6 +19,8 @@ import torch
 
 from contract.inputs import InputContract, super_grid
 from train.config import ConfigError, datasets_of
+
+SHOWN_CLASSES = 8   # class names an error message lists before "... (N in all)"
 
 
 def import_object(spec: str):
@@ -106,3 +112,70 @@ class Source:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}
+
+
+# ---------------------------------------------------------------- classes
+
+
+def class_names(loader) -> tuple[str, ...] | None:
+    """The class names of the shards a loader reads (line i names label i); None when the loader has no
+    index (a plugin loader) or its shards have no classes.txt."""
+    index = getattr(loader, "index", None)
+    return None if index is None else index.class_names
+
+
+def _listed(names) -> str:
+    shown = ", ".join(names[:SHOWN_CLASSES])
+    return f"[{shown}, ... ({len(names)} in all)]" if len(names) > SHOWN_CLASSES else f"[{shown}]"
+
+
+def check_class_count(num_classes: int, key: str, names, source: str) -> None:
+    """The model's class count must be the number of classes its shards name."""
+    if names is not None and len(names) != num_classes:
+        raise ConfigError(f"{key}={num_classes} but {source} name {len(names)} classes {_listed(names)}; "
+                          f"set {key}={len(names)} or give shards with {num_classes} classes")
+
+
+def check_class_names(expected, expected_from: str, found, found_from: str, fix: str) -> None:
+    """Two class lists that must be the same list, label for label (either may be unknown: None)."""
+    if expected is None or found is None or list(expected) == list(found):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(expected, found)) if a != b), min(len(expected), len(found)))
+    raise ConfigError(f"{expected_from} and {found_from} name different classes: {_listed(list(expected))} vs "
+                      f"{_listed(list(found))} (from label {first} on); {fix}")
+
+
+def run_classes(cfg: dict, train_loaders: dict, val_loaders: dict) -> dict:
+    """{dataset: class names or None} of a run's shards, each split checked against the configured class
+    count and against the other split."""
+    several = bool(cfg["data"]["datasets"])
+    found = {}
+    for name, ds in datasets_of(cfg).items():
+        key = f"data.datasets.{name}.num_classes" if several else "model.num_classes"
+        first, first_from = None, None
+        for split, loaders in (("train", train_loaders), ("val", val_loaders)):
+            if name not in loaders:
+                continue
+            names, source = class_names(loaders[name]), f"the {split} shards ({ds[split]['shards']})"
+            check_class_count(ds["num_classes"], key, names, source)
+            check_class_names(first, first_from, names, source, fix="give the splits of one dataset's shards")
+            if first is None:
+                first, first_from = names, source
+        found[name] = first
+    return found
+
+
+def classes_by_dataset(stored, datasets: list[str]) -> dict:
+    """A checkpoint's `classes` entry as {dataset: names or None}: one list for a single dataset, a dict
+    for a run over several (contract.checkpoints)."""
+    if isinstance(stored, dict):
+        return {name: stored.get(name) for name in datasets}
+    return {name: stored if i == 0 else None for i, name in enumerate(datasets)}
+
+
+def stored_classes(classes: dict, several: bool):
+    """What a checkpoint stores: the single dataset's names, or {dataset: names} for several."""
+    if several:
+        return {name: list(names) if names is not None else None for name, names in classes.items()}
+    names = next(iter(classes.values()))
+    return list(names) if names is not None else None

@@ -5,12 +5,16 @@ Exact across ranks: every rank keeps one score row per view (video key, clip, cr
 gathered and de-duplicated by that identity before anything is averaged, so the padding a distributed
 loader adds to even out ranks never counts a view (or a video) twice. Video-level scores are the mean
 of a video's view logits (clips x crops), as in TSN/TSM/SIFAR testing.
+
+Nothing is dropped without a word: a video the loader could not read (or decode, in any of its views)
+is left out whole and listed with its reason, and the report says "N of M videos evaluated". Beside the
+report, the per-video scores go to a Parquet file (for ensembles) and each dataset's confusion matrix to
+a PNG.
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +24,12 @@ import torch
 import torch.distributed as dist
 
 from train.clips import autocast, input_memory_format, reorder
+from train.metrics import say
 
 ORDERS = ("normal", "reversed", "shuffled")
+NAMED_TICKS = 40       # a confusion matrix with more classes than this is drawn without class names
+SHOWN_MISSING = 5      # missing videos named in the one-line summary (the report lists them all)
+NOT_DELIVERED = {"stage": "delivery", "reason": "the loader delivered none of its views and reported no failure"}
 
 
 @dataclass
@@ -83,6 +91,25 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict:
             "mean_class": 100 * float(np.mean(per_class)), "count": int(len(labels))}
 
 
+def per_class(logits: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """Top-1 (%) and the number of samples of every class of the model; top1 None where a class has none."""
+    num_classes = logits.shape[1] if logits.ndim == 2 else 0
+    hits = np.argmax(logits, axis=1) == labels if len(labels) else np.zeros(0, bool)
+    out = []
+    for c in range(num_classes):
+        mine = labels == c
+        out.append({"count": int(mine.sum()), "top1": 100 * float(hits[mine].mean()) if mine.any() else None})
+    return out
+
+
+def confusion(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(classes, classes) counts: row = true label, column = top-1 prediction."""
+    num_classes = logits.shape[1]
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, np.argmax(logits, axis=1)), 1)
+    return matrix
+
+
 def _numpy(values) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.cpu().numpy()
@@ -133,8 +160,7 @@ def predict(model, loader, *, device, layout: str, num_frames: int, grid: tuple[
         parts.append(scores)
         if lead and progress and (done % every == 0 or done == total):
             rate = done / (time.perf_counter() - began)
-            print(f"eval ({order}): batch {done}/{total} | {rate:.1f} batches/s | ETA {(total - done) / rate:.0f}s",
-                  file=sys.stderr, flush=True)
+            say(f"eval ({order}): batch {done}/{total} | {rate:.1f} batches/s | ETA {(total - done) / rate:.0f}s")
     return ViewScores.concat(parts)
 
 
@@ -147,16 +173,79 @@ def gather(scores: ViewScores) -> ViewScores:
     return scores.unique()
 
 
+def gather_list(items: list) -> list:
+    """Every rank's `items`, concatenated, on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+    return list(items)
+
+
 def summarize(scores: ViewScores) -> dict:
-    """Clip-level (every view on its own) and video-level (views averaged) accuracy."""
+    """Clip-level (every view on its own) and video-level (views averaged) accuracy, and the video-level
+    accuracy of every class."""
     _, labels, video_logits = scores.per_video()
-    return {"clip": accuracy(scores.logits, scores.labels), "video": accuracy(video_logits, labels),
+    video = {**accuracy(video_logits, labels), "per_class": per_class(video_logits, labels)}
+    return {"clip": accuracy(scores.logits, scores.labels), "video": video,
             "views_per_video": len(scores.keys) / max(len(labels), 1)}
 
 
+def split_keys(loader) -> list[str] | None:
+    """Every video of the loader's split (its index), or None for a loader without an index."""
+    index = getattr(loader, "index", None)
+    return None if index is None else [str(k) for k in index.keys]
+
+
+def coverage(expected: list[str] | None, scores: ViewScores, failures: list[dict]) -> dict:
+    """How many of the split's videos were evaluated, and for each missing one why.
+
+    `expected` is every video of the split; without it (a loader with no index), the videos are those
+    evaluated plus those the loader reported as failed.
+    """
+    reasons: dict[str, dict] = {}
+    for failure in failures:
+        reasons.setdefault(str(failure["key"]), failure)
+    evaluated = set(scores.keys)
+    videos = set(expected) if expected is not None else evaluated | set(reasons)
+    missing = []
+    for key in sorted(videos - evaluated):
+        why = reasons.get(key, NOT_DELIVERED)
+        missing.append({"key": key, "shard": why.get("shard"), "stage": why["stage"], "reason": why["reason"]})
+    return {"videos": len(videos), "evaluated": len(evaluated & videos), "missing": missing}
+
+
+def combined(coverages: list[dict]) -> dict:
+    """One coverage for several passes over a split (frame orders): a video missing from any is missing."""
+    missing: dict[str, dict] = {}
+    for cover in coverages:
+        for entry in cover["missing"]:
+            missing.setdefault(entry["key"], entry)
+    videos = coverages[0]["videos"]
+    return {"videos": videos, "evaluated": videos - len(missing), "missing": [missing[k] for k in sorted(missing)]}
+
+
+def evaluate_views(model, loader, *, orders=("normal",), **kwargs) -> dict[str, tuple[ViewScores, dict]]:
+    """Per frame order: the views of every rank, each once, and the split's coverage.
+
+    A video the loader failed on in this pass is left out whole, even if some of its views decoded: its
+    score would otherwise be an average over fewer views than the protocol says.
+    """
+    out = {}
+    for order in orders:
+        scores = predict(model, loader, order=order, **kwargs)
+        failures = gather_list(list(loader.failures))
+        scores = gather(scores)
+        failed = {str(f["key"]) for f in failures}
+        scores = scores.select([i for i, key in enumerate(scores.keys) if key not in failed])
+        out[order] = (scores, coverage(split_keys(loader), scores, failures))
+    return out
+
+
 def evaluate(model, loader, *, orders=("normal",), **kwargs) -> dict:
-    """{order: {"clip": {...}, "video": {...}}} over the whole (distributed) split."""
-    return {order: summarize(gather(predict(model, loader, order=order, **kwargs))) for order in orders}
+    """{order: {"clip": {...}, "video": {...}, "coverage": {...}}} over the whole (distributed) split."""
+    return {order: {**summarize(scores), "coverage": cover}
+            for order, (scores, cover) in evaluate_views(model, loader, orders=orders, **kwargs).items()}
 
 
 def spatiotemporal_effects(model_report: dict, tsn_report: dict, level: str = "video") -> dict:
@@ -187,17 +276,58 @@ def _fmt(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
+def missing_count(report: dict) -> int:
+    return sum(len(c["missing"]) for c in report.get("coverage", {}).values())
+
+
+def coverage_line(report: dict) -> str:
+    """One line per report: "N of M videos evaluated" per dataset, and the first missing ones."""
+    parts = []
+    for name, c in report.get("coverage", {}).items():
+        text = f"{c['evaluated']} of {c['videos']} videos evaluated"
+        if c["missing"]:
+            shown = ", ".join(f"{m['key']} ({m['stage']}: {m['reason']})" for m in c["missing"][:SHOWN_MISSING])
+            more = f", ... ({len(c['missing'])} missing in all)" if len(c["missing"]) > SHOWN_MISSING else ""
+            text += f"; missing: {shown}{more}"
+        parts.append(f"{name}: {text}" if len(report["coverage"]) > 1 else text)
+    return "evaluation: " + "; ".join(parts)
+
+
+def _coverage_markdown(c: dict) -> list[str]:
+    lines = [f"**{c['evaluated']} of {c['videos']} videos evaluated.**", ""]
+    if c["missing"]:
+        lines += ["Missing (left out of every number above):", "", "| video | shard | stage | reason |",
+                  "|---|---|---|---|"]
+        lines += [f"| {m['key']} | {m['shard'] or '-'} | {m['stage']} | {m['reason']} |" for m in c["missing"]]
+        lines.append("")
+    return lines
+
+
+def _per_class_markdown(result: dict, names: list[str] | None) -> list[str]:
+    rows = result["video"].get("per_class", [])
+    lines = ["Per class (video level, frames in order):", "", "| label | class | videos | top-1 |", "|---|---|---|---|"]
+    for label, row in enumerate(rows):
+        name = names[label] if names and label < len(names) else "-"
+        lines.append(f"| {label} | {name} | {row['count']} | {_fmt(row['top1'])} |")
+    return lines + [""]
+
+
 def report_markdown(report: dict) -> str:
     lines = [f"# Evaluation: {report.get('model', '?')} on {report.get('dataset', '?')}", "",
              f"checkpoint: `{report.get('checkpoint')}`; views per video: {report.get('views', '?')}", ""]
     for name, results in report["results"].items():
-        lines += [f"## {name}", "", "| frame order | clip top-1 | clip top-5 | video top-1 | video top-5 | "
+        lines += [f"## {name}", ""]
+        if name in report.get("coverage", {}):
+            lines += _coverage_markdown(report["coverage"][name])
+        lines += ["| frame order | clip top-1 | clip top-5 | video top-1 | video top-5 | "
                   "video mean class | videos |", "|---|---|---|---|---|---|---|"]
         for order, r in results.items():
             c, v = r["clip"], r["video"]
             lines.append(f"| {order} | {_fmt(c['top1'])} | {_fmt(c['top5'])} | {_fmt(v['top1'])} | "
                          f"{_fmt(v['top5'])} | {_fmt(v['mean_class'])} | {v['count']} |")
         lines.append("")
+        if "normal" in results:
+            lines += _per_class_markdown(results["normal"], report.get("classes", {}).get(name))
     if report.get("effects"):
         lines += ["## Spatial and temporal effects against TSN", "",
                   "| dataset | Phi (temporal) | Psi (spatial) | gain over TSN | top-1 | shuffled | TSN top-1 |",
@@ -208,10 +338,69 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, run_dir: str | Path) -> tuple[Path, Path]:
+def write_scores(scores: dict, path: Path) -> Path:
+    """Per-video scores, averaged over each video's views: one row per (dataset, frame order, video) with
+    its key, label and the model's scores (logits, one per class), for ensembling runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for dataset, orders in scores.items():
+        for order, views in orders.items():
+            keys, labels, logits = views.per_video()
+            num_classes = logits.shape[1] if logits.ndim == 2 else 0
+            offsets = pa.array(np.arange(len(keys) + 1, dtype=np.int32) * num_classes)
+            tables.append(pa.table({"dataset": [dataset] * len(keys), "order": [order] * len(keys),
+                                    "key": pa.array(keys, pa.string()), "label": pa.array(labels, pa.int64()),
+                                    "scores": pa.ListArray.from_arrays(offsets, pa.array(logits.reshape(-1),
+                                                                                         pa.float32()))}))
+    pq.write_table(pa.concat_tables(tables), path)
+    return path
+
+
+def plot_confusion(views: ViewScores, names: list[str] | None, title: str, path: Path) -> Path:
+    """The video-level confusion matrix as a PNG: rows true classes, columns predictions, shaded by the
+    share of the row (so rare classes show as clearly as common ones), counts written in small matrices."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, labels, logits = views.per_video()
+    matrix = confusion(logits, labels) if len(labels) else np.zeros((len(names or []),) * 2, np.int64)
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    size = min(4 + 0.35 * len(matrix), 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if len(matrix) <= NAMED_TICKS:
+        ticks = names if names and len(names) == len(matrix) else [str(c) for c in range(len(matrix))]
+        ax.set_xticks(range(len(matrix)), ticks, rotation=90)
+        ax.set_yticks(range(len(matrix)), ticks)
+        for (row, col), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(col, row, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if share[row, col] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, run_dir: str | Path, scores: dict | None = None) -> list[Path]:
+    """eval_report.json and .md; with the scores behind them ({dataset: {order: ViewScores}}) also
+    scores.parquet and confusion-<dataset>.png (frames in order). Returns the paths written."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = run_dir / "eval_report.json", run_dir / "eval_report.md"
     json_path.write_text(json.dumps(report, indent=2, default=float))
     md_path.write_text(report_markdown(report))
-    return json_path, md_path
+    paths = [json_path, md_path]
+    if scores:
+        paths.append(write_scores(scores, run_dir / "scores.parquet"))
+        for name, orders in scores.items():
+            order = "normal" if "normal" in orders else next(iter(orders))
+            frames = "frames in order" if order == "normal" else f"frames {order}"
+            title = f"{report.get('model', '')} on {name} (video level, {frames})"
+            paths.append(plot_confusion(orders[order], report.get("classes", {}).get(name), title,
+                                        run_dir / f"confusion-{name}.png"))
+    return paths

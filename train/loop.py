@@ -7,6 +7,10 @@ datasets of a multi-dataset run, one batch each in a fixed order) before one cli
 The timm scheduler is stepped per update (warm-up and cosine are smooth within epochs) and the EMA
 follows each update. Time spent waiting for the loader is measured around `next(batch)` and reported
 as the data-wait share of wall time beside clips/s.
+
+Samples the loader could not read arrive as stand-ins (copies of a good sample flagged valid=False):
+they take no part in the loss or in Mixup, and the loader's failures of each epoch are counted in the
+progress lines and metrics. An update whose batches hold no valid sample on any rank changes no weight.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,12 +39,15 @@ from torch import nn
 import models
 from contract import checkpoints
 from contract.inputs import InputContract
+from models.saved import entries
 from train import checkpoint as ckpt
 from train.clips import autocast, input_memory_format, map_frames
 from train.config import ConfigError, datasets_of, save_config
-from train.data import Source, build_loader
-from train.evaluate import evaluate, spatiotemporal_effects, write_report
-from train.metrics import MetricsLogger, Progress, Throughput, plot_curves
+from train.data import (Source, build_loader, check_class_count, check_class_names, class_names, classes_by_dataset,
+                        run_classes, stored_classes)
+from train.evaluate import (combined, coverage_line, evaluate, evaluate_views, spatiotemporal_effects, summarize,
+                            write_report)
+from train.metrics import MetricsLogger, Progress, Throughput, plot_curves, say, write_index
 
 # ---------------------------------------------------------------- device and precision
 
@@ -129,8 +137,10 @@ class Trainer:
 
     def __init__(self, cfg: dict, model: nn.Module, sources: list[Source], *, device: torch.device,
                  val_loaders: dict | None = None, rank: int = 0, world_size: int = 1,
-                 logger: MetricsLogger | None = None, save_checkpoint: Callable[[dict, dict], None] | None = None):
+                 logger: MetricsLogger | None = None, save_checkpoint: Callable[[dict, dict], None] | None = None,
+                 classes=None):
         self.cfg, self.model, self.sources, self.device = cfg, model, sources, device
+        self.classes = classes   # what checkpoints store (contract.checkpoints: `classes`)
         self.val_loaders = val_loaders or {}
         self.rank, self.world_size = rank, world_size
         self.logger = logger or MetricsLogger(None)
@@ -161,15 +171,30 @@ class Trainer:
         self.mixups = {name: build_mixup(cfg["aug"], ds["num_classes"]) for name, ds in datasets_of(cfg).items()}
         self.criterion = build_criterion(cfg["aug"], any(self.mixups.values()))
         self.epoch, self.updates, self.best = 0, 0, None
-        self._skip, self._pending_rng = 0, None
+        self._skip, self._pending_rng, self._saved_at = 0, None, None
         self.throughput = Throughput()
         self._loss_sum, self._loss_count = torch.zeros((), device=device), 0
+        self.stand_ins, self.empty_updates = 0, 0   # samples left out of the loss, updates without any
+        # Counts are summed over ranks on the CPU (gloo), so counting never waits for the GPU.
+        distributed = dist.is_available() and dist.is_initialized() and world_size > 1
+        self._counts = dist.new_group(backend="gloo") if distributed else None
 
     # ------------------------------------------------------------ one update
 
-    def forward_loss(self, batch: dict, dataset: str) -> torch.Tensor:
+    def forward_loss(self, batch: dict, dataset: str) -> tuple[torch.Tensor, int]:
+        """The mean loss over the batch's valid samples, and their number.
+
+        Stand-ins (valid=False) are dropped before Mixup, so no sample is mixed with one. A batch of
+        stand-ins only still runs forward and backward, with a loss of zero: DDP needs every rank's
+        gradients, and a zero loss adds none.
+        """
         x = batch["video"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
+        keep = torch.as_tensor(batch["valid"]).cpu().nonzero().flatten()
+        count = len(keep)
+        if 0 < count < len(y):
+            keep = keep.to(self.device, non_blocking=True)
+            x, y = x.index_select(0, keep), y.index_select(0, keep)
         mixup = self.mixups[dataset]
         target = y
         if mixup is not None:
@@ -180,13 +205,15 @@ class Trainer:
             x = x.contiguous(memory_format=fmt)
         with autocast(self.device, self.amp):
             logits = self.model(x, dataset=dataset) if self.multi else self.model(x)
-        return self.criterion(logits.float(), target)
+        loss = self.criterion(logits.float(), target)
+        return (loss if count else loss * 0.0), count
 
     def update(self, micro_batches: int) -> None:
         """`micro_batches` batches from every source, one optimizer update."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         steps = [source for _ in range(micro_batches) for source in self.sources]
+        valid = 0
         for n, source in enumerate(steps):
             began = time.perf_counter()
             batch = source.next()
@@ -194,26 +221,47 @@ class Trainer:
             last = n == len(steps) - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
-                loss = self.forward_loss(batch, source.name) / len(steps)
-                self.scaler.scale(loss).backward()
-            self._loss_sum += loss.detach() * len(steps)
-            self._loss_count += 1
+                loss, count = self.forward_loss(batch, source.name)
+                self.scaler.scale(loss / len(steps)).backward()
+            if count:
+                self._loss_sum += loss.detach()
+                self._loss_count += 1
+            valid += count
+            self.stand_ins += len(batch["label"]) - count
             self.throughput.add(len(batch["label"]) * self.world_size, wait)
-        if self.cfg["optim"]["clip_grad"]:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg["optim"]["clip_grad"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.summed([valid])[0] == 0:   # nothing to learn from on any rank: no step, no momentum, no decay
+            self.optimizer.zero_grad(set_to_none=True)
+            self.empty_updates += 1
+        else:
+            if self.cfg["optim"]["clip_grad"]:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg["optim"]["clip_grad"])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.module, step=self.updates + 1)
         self.updates += 1
         self.scheduler.step_update(self.updates)
-        if self.ema is not None:
-            self.ema.update(self.module, step=self.updates)
+
+    def summed(self, counts: list[int]) -> list[int]:
+        """`counts` summed over the ranks (every rank must call this at the same point)."""
+        if self._counts is None:
+            return counts
+        total = torch.tensor(counts, dtype=torch.int64)
+        dist.all_reduce(total, group=self._counts)
+        return total.tolist()
+
+    def failures(self) -> list[dict]:
+        """The samples this rank's training loaders could not read in their current pass."""
+        return [f for source in self.sources for f in source.loader.failures]
 
     # ------------------------------------------------------------ the loop
 
     @property
     def total_updates(self) -> int:
-        return self.epochs * self.updates_per_epoch
+        """Updates this run will make: the schedule's, or fewer under train.max_updates."""
+        planned = self.epochs * self.updates_per_epoch
+        return min(planned, self.cfg["train"]["max_updates"] or planned)
 
     def _position_sources(self) -> None:
         primary = self.sources[0]
@@ -241,7 +289,10 @@ class Trainer:
                 if max_updates and self.updates >= max_updates:
                     stopped = True
                     break
+            self._log_failures()
             if stopped:
+                if self._saved_at != self.updates:
+                    self.checkpoint({})   # a short run keeps its final state too
                 break
             self.epoch += 1
             metrics = self.validate() if cfg_t["eval_every"] and (
@@ -252,13 +303,29 @@ class Trainer:
 
     def _log_train(self, progress: Progress) -> None:
         stats = self.throughput.read()
-        stats.update(loss=(self._loss_sum / max(self._loss_count, 1)).item(),
-                     lr=self.optimizer.param_groups[0]["lr"])
+        failures, stand_ins, empty = self.summed([len(self.failures()), self.stand_ins, self.empty_updates])
+        loss = (self._loss_sum / self._loss_count).item() if self._loss_count else None   # stand-ins only
+        stats.update(loss=loss, lr=self.optimizer.param_groups[0]["lr"], failures=failures, stand_ins=stand_ins,
+                     empty_updates=empty)
         progress.line(self.epoch, self.epochs, self.updates, stats)
         self.logger.log("train", stats, epoch=self.epoch, update=self.updates)
         self.throughput.reset()
         self._loss_sum.zero_()
-        self._loss_count = 0
+        self._loss_count, self.stand_ins, self.empty_updates = 0, 0, 0
+
+    def _log_failures(self) -> None:
+        """The samples the training loaders could not read this epoch, from every rank: a record and a line."""
+        failed = self.failures()
+        if self._counts is not None:
+            ranks: list = [None] * self.world_size
+            dist.all_gather_object(ranks, failed, group=self._counts)
+            failed = [f for part in ranks for f in part]
+        self.logger.log("failures", {"count": len(failed), "samples": failed}, epoch=self.epoch,
+                        update=self.updates)
+        if failed and self.rank == 0:
+            shown = "; ".join(f"{f['key']} ({f['stage']}: {f['reason']})" for f in failed[:3])
+            say(f"epoch {self.epoch + 1}: {len(failed)} training samples could not be read and were left out "
+                f"of the loss: {shown}{' ...' if len(failed) > 3 else ''} (all in metrics.jsonl)")
 
     def validate(self) -> dict:
         """Clip-level top-1/top-5 on each dataset's validation split (1 view per video)."""
@@ -267,9 +334,11 @@ class Trainer:
             kw = dict(device=self.device, layout=self.layout, num_frames=self.num_frames, grid=self.grid,
                       amp_dtype=self.amp, dataset=name if self.multi else None, channels_last=self.channels_last)
             prefix = f"{name}_" if self.multi else ""
-            video = evaluate(self.model, loader, **kw)["normal"]["video"]
+            normal = evaluate(self.model, loader, **kw)["normal"]
+            video = normal["video"]
             metrics.update({f"{prefix}top1": video["top1"], f"{prefix}top5": video["top5"],
-                            f"{prefix}mean_class": video["mean_class"]})
+                            f"{prefix}mean_class": video["mean_class"],
+                            f"{prefix}missing": len(normal["coverage"]["missing"])})
             if self.ema is not None:
                 metrics[f"{prefix}ema_top1"] = evaluate(self.ema.module, loader, **kw)["normal"]["video"]["top1"]
         if metrics:
@@ -277,8 +346,9 @@ class Trainer:
             head = next(iter(metrics.values()))
             self.best = head if self.best is None else max(self.best, head)
             if self.rank == 0:
-                print(f"validation after epoch {self.epoch}: " +
-                      ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+                say(f"validation after epoch {self.epoch}: " +
+                    ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
+                    sys.stdout)
         return metrics
 
     # ------------------------------------------------------------ resume points
@@ -290,7 +360,7 @@ class Trainer:
             dist.all_gather_object(ranks, rng)   # every rank's random state resumes exactly
         else:
             ranks = [rng]
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {**entries(self.module), "classes": self.classes, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "epoch": self.epoch, "updates": self.updates, "best": self.best,
@@ -314,12 +384,13 @@ class Trainer:
         if state["world_size"] == self.world_size:
             self._pending_rng = state["rng"][self.rank]
         elif self.rank == 0:
-            print(f"resuming on {self.world_size} workers from a {state['world_size']}-worker checkpoint: "
-                  f"batches continue exactly, random draws (mixup, drop path) do not", flush=True)
+            say(f"resuming on {self.world_size} workers from a {state['world_size']}-worker checkpoint: "
+                f"batches continue exactly, random draws (mixup, drop path) do not", sys.stdout)
 
     def checkpoint(self, metrics: dict) -> None:
         if self.save_checkpoint is not None:
             self.save_checkpoint(self.state_dict(), metrics)
+        self._saved_at = self.updates
 
 
 # ---------------------------------------------------------------- a whole run
@@ -361,8 +432,10 @@ def checkpoint_root(cfg: dict, run_dir: Path) -> str:
 
 
 def setup(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-          prepare_model: Callable[[nn.Module], nn.Module] | None = None) -> tuple[nn.Module, torch.device]:
-    """Model on its device, initialised from `init_from` if set, wrapped by `prepare_model` (DDP)."""
+          prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+          model: nn.Module | None = None) -> tuple[nn.Module, torch.device]:
+    """Model on its device, initialised from `init_from` if set, wrapped by `prepare_model` (DDP).
+    `model`: one already built (from a checkpoint's build record) instead of the config's."""
     import_plugins(cfg)
     device = device or pick_device(cfg["train"]["device"])
     if cfg["train"]["deterministic"]:
@@ -370,12 +443,13 @@ def setup(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     seed_everything(cfg["seed"])   # identical initial weights on every rank
-    model = build_model(cfg)
+    model = model if model is not None else build_model(cfg)
     if cfg["init_from"]:
         report = ckpt.load_weights(model, cfg["init_from"], cfg["run"]["storage_options"])
         if rank == 0:
-            print(f"initialised {report['loaded']} tensors from {cfg['init_from']}; kept the initial value of "
-                  f"{len(report['skipped'])}: {report['skipped'][:8]}{' ...' if len(report['skipped']) > 8 else ''}")
+            say(f"initialised {report['loaded']} tensors from {cfg['init_from']}; kept the initial value of "
+                f"{len(report['skipped'])}: {report['skipped'][:8]}{' ...' if len(report['skipped']) > 8 else ''}",
+                sys.stdout)
     model.to(device)
     if wants_channels_last(cfg["train"]["channels_last"], model, device):
         model.to(memory_format=model_memory_format(model))
@@ -389,41 +463,59 @@ def setup(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device
 
 def build_sources(cfg: dict, contract: InputContract, device, rank: int,
                   world_size: int) -> tuple[list[Source], dict]:
+    """Each dataset's training Source and validation loader (when it has val shards: their classes are
+    checked at the start, even if the run validates only at its end)."""
     train, val = [], {}
     kw = dict(contract=contract, device=device, rank=rank, world_size=world_size)
     for i, name in enumerate(datasets_of(cfg)):
         train.append(Source(name, build_loader(cfg, name, "train", **kw), cycle=i > 0))
-        if cfg["train"]["eval_every"] and (datasets_of(cfg)[name].get("val") or {}).get("shards"):
+        if (datasets_of(cfg)[name].get("val") or {}).get("shards"):
             val[name] = build_loader(cfg, name, "val", **kw)
     return train, val
 
 
 def final_evaluation(cfg: dict, model: nn.Module, device, *, rank: int = 0, world_size: int = 1,
-                     checkpoint: str | None = None) -> dict:
-    """The papers' test protocol: clips x crops views per video, every configured frame order."""
+                     checkpoint: str | None = None, classes: dict | None = None,
+                     classes_from: str = "the model") -> tuple[dict, dict]:
+    """The papers' test protocol: clips x crops views per video, every configured frame order.
+
+    `classes` ({dataset: names} of `classes_from`: a checkpoint, the training shards) must be the
+    validation shards' classes, else the accuracy would compare labels of two lists. Returns the
+    report (JSON-ready) and the scores behind it ({dataset: {order: ViewScores}}, every rank's views).
+    """
     module = ckpt.unwrap(model)
     ev = cfg["eval"]
     amp = pick_amp(cfg["train"]["amp"], device)
     multi = bool(cfg["data"]["datasets"])
     contract = module.contract
-    results = {}
-    for name in datasets_of(cfg):
+    results, scores, coverage, names = {}, {}, {}, {}
+    for name, ds in datasets_of(cfg).items():
         loader = build_loader(cfg, name, "val", contract=contract, device=device, rank=rank,
                               world_size=world_size, views=(ev["clips"], ev["crops"]), batch_size=ev["batch_size"])
-        results[name] = evaluate(model, loader, orders=tuple(ev["orders"]), device=device, layout=contract.layout,
-                                 num_frames=contract.num_frames, grid=contract.grid, amp_dtype=amp,
-                                 dataset=name if multi else None,
-                                 seed=cfg["seed"], progress=True,
-                                 channels_last=wants_channels_last(cfg["train"]["channels_last"], module, device))
+        names[name] = class_names(loader)
+        source = f"the val shards ({ds['val']['shards']})"
+        check_class_count(ds["num_classes"], f"data.datasets.{name}.num_classes" if multi else "model.num_classes",
+                          names[name], source)
+        check_class_names((classes or {}).get(name), classes_from, names[name], source,
+                          fix="evaluate on shards of the classes the model was trained on")
+        views = evaluate_views(model, loader, orders=tuple(ev["orders"]), device=device, layout=contract.layout,
+                               num_frames=contract.num_frames, grid=contract.grid, amp_dtype=amp,
+                               dataset=name if multi else None, seed=cfg["seed"], progress=True,
+                               channels_last=wants_channels_last(cfg["train"]["channels_last"], module, device))
+        scores[name] = {order: v for order, (v, _) in views.items()}
+        results[name] = {order: summarize(v) for order, v in scores[name].items()}
+        coverage[name] = combined([c for _, c in views.values()])
+        names[name] = names[name] if names[name] is not None else (classes or {}).get(name)
     report = {"model": cfg["model"]["name"], "dataset": ", ".join(results), "checkpoint": checkpoint,
               "views": ev["clips"] * ev["crops"], "clips": ev["clips"], "crops": ev["crops"],
-              "num_frames": module.num_frames, "results": results}
+              "num_frames": module.num_frames, "coverage": coverage,
+              "classes": {n: list(v) if v is not None else None for n, v in names.items()}, "results": results}
     if ev["reference"]:
         with fsspec.open(ev["reference"]) as f:
             tsn = json.load(f)
         report["effects"] = {name: spatiotemporal_effects(results[name], tsn["results"][name])
                              for name in results if name in tsn["results"]}
-    return report
+    return report, scores
 
 
 def check_run(cfg: dict, store: checkpoints.CheckpointStore, resuming: bool) -> None:
@@ -445,46 +537,63 @@ def fit(cfg: dict, *, rank: int = 0, world_size: int = 1, device: torch.device |
 
     The defaults run one process that writes checkpoints to `run.storage` (or the run folder) and
     resumes from `run.resume`; Ray Train passes its own `prepare_model`, `save_checkpoint` and
-    `resume_state` instead (train.ray_train).
+    `resume_state` instead (train.ray_train). Nothing is written before the model, the loaders and the
+    classes have been checked, so a run that cannot start leaves no run folder behind.
     """
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     lead = rank == 0
     store = checkpoints.CheckpointStore(checkpoint_root(cfg, run_dir), cfg["train"]["keep_checkpoints"],
                                  cfg["run"]["storage_options"])
     check_run(cfg, store, resuming=resume_state is not None or bool(cfg["run"]["resume"]))
-    if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    resumed_from = "the Ray checkpoint"
     if resume_state is None and cfg["run"]["resume"]:
-        url = store.latest() if cfg["run"]["resume"] == "auto" else cfg["run"]["resume"]
-        if url:
-            resume_state = checkpoints.load(url, cfg["run"]["storage_options"])
-            if lead:
-                print(f"resuming from {url}: epoch {resume_state['epoch']}, update {resume_state['updates']}")
+        resumed_from = store.latest() if cfg["run"]["resume"] == "auto" else cfg["run"]["resume"]
+        if resumed_from:
+            resume_state = checkpoints.load(resumed_from, cfg["run"]["storage_options"])
     model, device = setup(cfg, rank=rank, world_size=world_size, device=device, prepare_model=prepare_model)
     module = ckpt.unwrap(model)
     sources, val_loaders = build_sources(cfg, module.contract, device, rank, world_size)
+    classes = run_classes(cfg, {s.name: s.loader for s in sources}, val_loaders)
+    if resume_state is not None:
+        for name, stored in classes_by_dataset(resume_state.get("classes"), list(classes)).items():
+            check_class_names(stored, f"checkpoint {resumed_from}", classes[name],
+                              f"the train shards ({datasets_of(cfg)[name]['train']['shards']})",
+                              fix="resume on the shards the run was started on")
+    if lead:
+        for name in (n for n, names in classes.items() if names is None):
+            say(f"note: the {name} shards list no classes (no classes.txt beside their splits), so the class "
+                f"count and names are not checked")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        if resume_state is not None:
+            say(f"resuming from {resumed_from}: epoch {resume_state['epoch']}, update {resume_state['updates']}",
+                sys.stdout)
     if save_checkpoint is None:
         def save_checkpoint(state: dict, metrics: dict) -> None:
             if lead:
                 store.save(state)
     logger = MetricsLogger(run_dir, enabled=lead)
+    several = bool(cfg["data"]["datasets"])
     trainer = Trainer(cfg, model, sources, device=device, val_loaders=val_loaders, rank=rank,
-                      world_size=world_size, logger=logger, save_checkpoint=save_checkpoint)
+                      world_size=world_size, logger=logger, save_checkpoint=save_checkpoint,
+                      classes=stored_classes(classes, several))
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
     try:
         summary = trainer.run()
         if cfg["eval"]["at_end"]:
-            report = final_evaluation(cfg, trainer.ema.module if trainer.ema else model, device, rank=rank,
-                                      world_size=world_size, checkpoint=store.latest() if lead else None)
+            report, scores = final_evaluation(cfg, trainer.ema.module if trainer.ema else model, device, rank=rank,
+                                              world_size=world_size, checkpoint=store.latest() if lead else None,
+                                              classes=classes, classes_from="the training shards")
             report["weights"] = "ema" if trainer.ema else "model"
             summary["eval"] = report
             if lead:
-                write_report(report, run_dir)
+                write_report(report, run_dir, scores)
+                say(coverage_line(report))
     finally:
         logger.close()
     if lead:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        write_index(run_dir)
     summary.update(run_dir=str(run_dir), model=module)
     return summary

@@ -24,9 +24,8 @@ from ray.train.torch import TorchTrainer
 from contract import checkpoints
 from train.config import ConfigError, save_config
 from train.loop import fit, new_run_dir
+from train.metrics import run_files, write_index
 
-STATE = "state.pt"                 # the trainer state inside a reported Ray checkpoint
-RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "eval_report.json", "eval_report.md")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_EXCLUDES = [".git/", "data/", "runs/", "build/", "**/__pycache__/", "*.tar", "*.mp4", "*.webm", "*.pt"]
 
@@ -76,7 +75,7 @@ def _train_worker(config: dict) -> None:
     resume_state = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
-            resume_state = checkpoints.load(str(Path(folder) / STATE))
+            resume_state = checkpoints.load(str(Path(folder) / checkpoints.STATE))
     # Each dataset of a multi-dataset run trains its own head: the others' heads get no gradient.
     ddp_options = {"find_unused_parameters": True} if cfg["data"]["datasets"] else None
 
@@ -89,10 +88,9 @@ def _train_worker(config: dict) -> None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            checkpoints.save(state, str(Path(folder) / STATE))
-            for name in RUN_FILES:
-                if (run_dir / name).exists():
-                    shutil.copy(run_dir / name, folder)
+            checkpoints.save(state, str(Path(folder) / checkpoints.STATE))
+            for path in run_files(run_dir):
+                shutil.copy(path, folder)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
     summary = fit(cfg, rank=rank, world_size=world_size, device=ray.train.torch.get_device(),
@@ -105,7 +103,8 @@ def _train_worker(config: dict) -> None:
 def _publish(run_dir: Path, target: tuple[str, object]) -> None:
     """Copy the run folder's files (not checkpoints: Ray holds those) next to Ray's checkpoints."""
     path, fs = target
-    files = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()]
+    write_index(run_dir)
+    files = run_files(run_dir) + [run_dir / "README.md"]
     if fs is None:
         dest = Path(path) / run_dir.name / "run"
         dest.mkdir(parents=True, exist_ok=True)
@@ -134,10 +133,11 @@ def run_config(cfg: dict, run_dir: Path, target) -> RunConfig:
 
 
 def fit_with_ray(cfg: dict) -> dict:
-    """Train on `ray.workers` workers; returns the run folder, Ray's result and the last checkpoint."""
+    """Train on `ray.workers` workers; returns the run folder, Ray's result and the last checkpoint.
+
+    Rank 0 writes the run folder once the run has started (on its node); the driver's copy of the config
+    follows when the run is over, so a run that cannot start leaves no config behind."""
     run_dir = new_run_dir(cfg).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     connect(cfg["ray"]["address"])
     target = storage(cfg, run_dir)
     if not cfg["run"]["resume"] and _has_run(target, run_dir.name):
@@ -146,6 +146,10 @@ def fit_with_ray(cfg: dict) -> dict:
     trainer = TorchTrainer(_train_worker, train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "storage": target},
                            scaling_config=scaling(cfg), run_config=run_config(cfg, run_dir, target))
     result = trainer.fit()
+    if not (run_dir / "config.yaml").exists():   # rank 0 ran on another node
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    write_index(run_dir)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     print(f"run folder: {run_dir}; checkpoints: {target[0]}/{run_dir.name}; last: {checkpoint}")
     return {"run_dir": str(run_dir), "result": result, "checkpoint": checkpoint, "metrics": result.metrics}
@@ -153,36 +157,38 @@ def fit_with_ray(cfg: dict) -> dict:
 
 def _eval_worker(config: dict) -> None:
     from train.cli import evaluate_checkpoint
-    from train.evaluate import write_report
     rank, world_size = _rank()
-    report = evaluate_checkpoint(config["cfg"], config["checkpoint"], ema=config["ema"], rank=rank,
-                                 world_size=world_size, device=ray.train.torch.get_device())
-    first = next(iter(report["results"].values()))["normal"]
-    metrics = {"video_top1": first["video"]["top1"], "clip_top1": first["clip"]["top1"], "videos": first["video"]["count"]}
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:   # the report travels to the driver through Ray's storage
-        write_report(report, folder)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+    with tempfile.TemporaryDirectory() as folder:   # the report's files travel to the driver through Ray's storage
+        report = evaluate_checkpoint(config["cfg"], config["checkpoint"], ema=config["ema"], rank=rank,
+                                     world_size=world_size, device=ray.train.torch.get_device(),
+                                     model_from_checkpoint=config["model_from_checkpoint"],
+                                     run_dir=Path(folder) if rank == 0 else None)
+        first = next(iter(next(iter(report["results"].values())).values()))   # first dataset, first frame order
+        metrics = {"video_top1": first["video"]["top1"], "clip_top1": first["clip"]["top1"],
+                   "videos": first["video"]["count"]}
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None)
 
 
-def eval_with_ray(cfg: dict, checkpoint: str, *, ema: bool = False, run_dir: Path | None = None) -> dict:
+def eval_with_ray(cfg: dict, checkpoint: str, *, ema: bool = False, run_dir: Path | None = None,
+                  model_from_checkpoint: bool = True) -> dict:
     """The final evaluation protocol spread over `ray.workers` ranks (every video counted once); the
-    report is written to `run_dir` on the driver and returned."""
+    report's files are copied to `run_dir` on the driver and the report returned. `checkpoint` must be
+    a URL or an absolute path: the workers run in another folder (contract.checkpoints.resolve)."""
     import json
 
-    from train.evaluate import write_report
     run_dir = Path(run_dir or new_run_dir(cfg)).resolve()
     connect(cfg["ray"]["address"])
     target = storage(cfg, run_dir)
     trainer = TorchTrainer(_eval_worker, scaling_config=scaling(cfg),
-                           train_loop_config={"cfg": cfg, "checkpoint": checkpoint, "ema": ema},
+                           train_loop_config={"cfg": cfg, "checkpoint": checkpoint, "ema": ema,
+                                              "model_from_checkpoint": model_from_checkpoint},
                            run_config=RunConfig(name=f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                                 storage_path=target[0], storage_filesystem=target[1]))
     result = trainer.fit()
+    run_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as folder:
-        report = json.loads((Path(folder) / "eval_report.json").read_text())
-    paths = write_report(report, run_dir)
-    print(f"wrote {paths[0]} and {paths[1]}")
-    return report
+        for path in run_files(folder):
+            shutil.copy(path, run_dir)
+    write_index(run_dir)
+    print(f"wrote the evaluation to {run_dir}")
+    return json.loads((run_dir / "eval_report.json").read_text())
