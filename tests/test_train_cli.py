@@ -60,7 +60,7 @@ def test_a_bug_is_not_passed_off_as_a_users_error(recipe, monkeypatch):
 def test_a_run_that_cannot_start_leaves_no_config_behind(tmp_path):
     """The real loader refuses a folder without shards after the model is built: nothing is written."""
     cfg = tiny_config(tmp_path, data={"loader": "pipelines.loader:VideoLoader", "train": {"shards": str(tmp_path)}})
-    with pytest.raises(FileNotFoundError, match="no index.parquet"):
+    with pytest.raises(FileNotFoundError, match="has no split .train."):
         fit(cfg)
     assert not (tmp_path / "run").exists()
 
