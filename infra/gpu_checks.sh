@@ -99,9 +99,9 @@ step() {   # step NAME SECONDS COMMAND...: run within its limit and what is left
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# The pipeline and loader tests on the requested DALI backend; the S3 one needs moto, not staged here.
-step tests 150 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_video_pipeline.py tests/test_loader.py \
-    -k "$DEVICE and not s3_bucket"
+# The pipeline, augmentation and loader tests on the requested DALI backend; the S3 one needs moto, not staged here.
+step tests 150 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_video_pipeline.py tests/test_augment.py \
+    tests/test_loader.py -k "$DEVICE and not s3_bucket"
 
 # Loader vs PyAV + DataLoader, with NVDEC utilisation and GPU memory; writes its section of the doc.
 cp docs/pipeline_throughput.md "$OUT/pipeline_throughput.md"

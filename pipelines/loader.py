@@ -9,8 +9,8 @@
 
 Three stages run concurrently, in threads (the heavy work releases the GIL: storage I/O, DALI):
   feeder   plans the epoch from the index, reads the bytes (`source.ShardReader`'s thread pool), shuffles,
-           draws every view's frames, crop window and flip (`sampling`), cuts each video down to the GOPs
-           those frames need (`gops`), and groups views into batches;
+           draws every view's frames, crop window, flip (`sampling`) and augmentations (`augment`), cuts
+           each video down to the GOPs those frames need (`gops`), and groups views into batches;
   drivers  one per DALI pipeline: feed a batch, run it, hand the output to torch without a copy. Batch k
            goes to pipeline k % num_pipelines; on the GPU several pipelines keep several NVDEC engines
            busy (one decoder instance feeds one engine);
@@ -42,6 +42,7 @@ import torch
 
 from contract.inputs import IMAGENET_MEAN, IMAGENET_STD
 from pipelines import video_pipeline as vp
+from pipelines.augment import Augment, ClipParams
 from pipelines.gops import cut, webm_packets
 from pipelines.protocols import check as check_protocol
 from pipelines.sampling import (TSN_SCALES, eval_short_side, eval_views, eval_window, frame_indices,
@@ -59,7 +60,8 @@ class LoaderError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class View:
-    """One sample as the pipeline sees it: whose bytes, which frames, which window, flipped or not."""
+    """One sample as the pipeline sees it: whose bytes, which frames, which window, flipped or not, and
+    the clip's draw of the recipe augmentations."""
     row: int                       # the video's position in the split index
     clip: int
     crop: int
@@ -69,6 +71,7 @@ class View:
     roi: tuple[float, float, float, float]
     mirror: bool
     whole: tuple[bytes, np.ndarray] | None = None   # the uncut bytes and frames, when `data` is a GOP cut
+    augment: ClipParams = ClipParams()              # none in evaluation
 
     @property
     def ok(self) -> bool:
@@ -78,7 +81,11 @@ class View:
 class VideoLoader:
     """Batches of `{"video", "label", "key", "video_index", "clip", "crop", "valid"}` from a shard split.
 
-    mode="train": one view per video, random frames (`sampling`), random crop (`train_crop`), random flip.
+    mode="train": one view per video, random frames (`sampling`), random crop (`train_crop`), random flip,
+    and the recipe augmentations asked for (`augment.Augment`, timm's names): `color_jitter` (a strength
+    or (brightness, contrast, saturation[, hue])) applied with `color_jitter_prob`, `grayscale_prob`,
+    `gaussian_blur_prob` with sigma drawn from `gaussian_blur_sigma`, `rand_augment=(n, m)` (m in 0..30).
+    Every clip gets one draw of each, applied alike to all its frames; evaluation applies none.
     mode="eval": `num_clips` x `num_crops` views per video (`clip`, `crop` say which); every video once.
     `video` is (B, T, C, H, W), (B, C, T, H, W) or (B, C, rows*H, cols*W) for layout "BTCHW", "BCTHW",
     "super". Keep `flip=False` for direction-sensitive classes (SSv2, and our sample dataset's left/right).
@@ -97,7 +104,10 @@ class VideoLoader:
                  rank: int = 0, world_size: int = 1, seed: int = 0, storage_options: dict | None = None,
                  readers: int = 8, shuffle_buffer: int = 64, num_threads: int | None = None,
                  num_pipelines: int | None = None, prefetch: int = 2, max_failures: int | float = 100,
-                 verify: bool = True, cut_gops: bool = True, protocol: str = "default"):
+                 verify: bool = True, cut_gops: bool = True, protocol: str = "default",
+                 color_jitter: float | tuple | None = None, color_jitter_prob: float = 1.0,
+                 grayscale_prob: float = 0.0, gaussian_blur_prob: float = 0.0,
+                 gaussian_blur_sigma: tuple[float, float] = (0.1, 2.0), rand_augment: tuple[int, int] | None = None):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if batch_size < 1 or world_size < 1:
@@ -116,8 +126,11 @@ class VideoLoader:
         where = shards if split is None else f"{shards} split {split!r}"
         if device == "cpu" and self.index.media == "video":
             _check_cpu_codecs(self.index, where)
+        augment = Augment.of(color_jitter, color_jitter_prob, grayscale_prob, gaussian_blur_prob,
+                             gaussian_blur_sigma, rand_augment)
         self.config = vp.PipelineConfig(num_frames=num_frames, crop_size=crop_size, layout=layout, grid=grid,
-                                        media=self.index.media, mean=tuple(mean), std=tuple(std))
+                                        media=self.index.media, mean=tuple(mean), std=tuple(std),
+                                        augment=augment if mode == "train" else Augment())
         frame_indices(sampling, 1, 1, stride)  # a wrong sampling name or stride fails here
         check_protocol(protocol, sampling, train_crop if mode == "train" else None)   # eval_views checks the crops
         self.protocol = protocol
@@ -256,9 +269,9 @@ class VideoLoader:
         packets = webm_packets(data) if cuttable else None
         if self.mode == "train":
             rng = np.random.default_rng([self.seed, epoch, row])
-            frames = self._frames(row, 0, rng)   # drawn first, then the window, then the flip
+            frames = self._frames(row, 0, rng)   # drawn first, then the window, the flip, the augmentations
             yield self._view(row, 0, 0, data, packets, frames, self._train_window(h, w, rng),
-                             self.flip and rng.random() < 0.5)
+                             self.flip and rng.random() < 0.5, self.config.augment.draw(rng, self.crop_size))
             return
         for clip, crop in self.views:
             rng = np.random.default_rng([self.seed, row, clip]) if random_in_evaluation(self.protocol) else None
@@ -273,11 +286,12 @@ class VideoLoader:
                              self.num_clips, rng, self.protocol, float(self.index["fps"][row]))
 
     @staticmethod
-    def _view(row, clip, crop, data, packets, frames, roi, mirror) -> View:
+    def _view(row, clip, crop, data, packets, frames, roi, mirror, augment=ClipParams()) -> View:
         if packets is not None and frames.max() < len(packets.spans):
             # decode only the GOPs these frames sit in (see gops.py)
-            return View(row, clip, crop, True, *cut(packets, frames), roi, mirror, whole=(data, frames))
-        return View(row, clip, crop, True, data, frames, roi, mirror)
+            return View(row, clip, crop, True, *cut(packets, frames), roi, mirror, whole=(data, frames),
+                        augment=augment)
+        return View(row, clip, crop, True, data, frames, roi, mirror, augment=augment)
 
     def _train_window(self, h: int, w: int, rng: np.random.Generator):
         if self.train_crop == "scale_jitter":
@@ -366,7 +380,8 @@ class VideoLoader:
 
     def _decode(self, pipe, views: list[View], stream) -> torch.Tensor:
         vp.feed(pipe, self.config, [np.frombuffer(v.data, np.uint8) for v in views],
-                [v.frames for v in views], [v.roi for v in views], [v.mirror for v in views])
+                [v.frames for v in views], [v.roi for v in views], [v.mirror for v in views],
+                [v.augment for v in views])
         (out,) = pipe.run(stream)
         # No copy: DALI's dynamic executor gives every run fresh buffers, alive while referenced; on the
         # GPU, DLPack makes the current (driver's) stream wait for DALI's work.

@@ -3,8 +3,9 @@
 device="gpu" decodes on NVDEC (`mixed` video decoder; nvJPEG for images) and runs every later operator on
 the GPU; device="cpu" runs the same operators on the host (libavcodec decodes VP8/VP9/MJPEG there).
 
-The host computes every random choice (frame indices, crop window, flip) from the Parquet index before
-any byte is read and feeds them with the bytes (see `sampling.py`). The graph itself is deterministic,
+The host computes every random choice (frame indices, crop window, flip, and the recipe augmentations a
+config enables) from the Parquet index before any byte is read and feeds them with the bytes (see
+`sampling.py`, `augment.py`). The graph itself is deterministic,
 which makes an epoch reproducible for a seed whatever the number of DALI threads or pipelines, and lets
 the loader re-run any sample alone when a batch fails to decode.
 
@@ -13,6 +14,7 @@ Inputs, per sample (`fn.external_source`, fed by the loader with `feed`):
   frames   int32[T]       frame indices to decode (video only)
   roi      float32[4]     y0, x0, y1, x1 of the source region that becomes the crop
   mirror   int32          1 to flip horizontally
+  and, for each augmentation the config enables, its per-clip parameters (`augment.feed_augment`)
 """
 from __future__ import annotations
 
@@ -23,13 +25,14 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
 from contract.inputs import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, super_grid
+from pipelines.augment import Augment, ClipParams, augment_clip, feed_augment
 
 _SEQUENCE_LAYOUT = {"BTCHW": "FCHW", "BCTHW": "CFHW", "super": "FCHW"}
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """What fixes the graph's shape; everything per sample comes through the inputs."""
+    """What fixes the graph's shape and operators; everything per sample comes through the inputs."""
     num_frames: int = 8
     crop_size: int = 224
     layout: str = "BTCHW"
@@ -37,6 +40,7 @@ class PipelineConfig:
     media: str = "video"             # "video" or "image"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    augment: Augment = Augment()     # training augmentations beyond crop and flip (none by default)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -95,7 +99,7 @@ def tile(frames, num_frames: int, size: int, grid: str | None):
     return fn.reshape(frames, shape=[3, rows * size, cols * size], layout="CHW")
 
 
-@pipeline_def
+@pipeline_def(enable_conditionals=True)   # `if` on per-sample inputs: augmentations applied with a probability
 def video_pipeline(config: PipelineConfig, device: str):
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
     frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1) if config.media == "video" else None
@@ -103,6 +107,8 @@ def video_pipeline(config: PipelineConfig, device: str):
     mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
     clip = decode(encoded, frames, device, config.media)
     clip = crop_resize(clip, roi, config.crop_size)
+    if config.augment.enabled:
+        clip = augment_clip(clip, config.augment)
     clip = normalize(clip, mirror, config.mean, config.std, config.layout)
     if config.layout == "super":
         clip = tile(clip, config.num_frames, config.crop_size, config.grid)
@@ -123,10 +129,15 @@ def build(config: PipelineConfig, device: str, batch_size: int, num_threads: int
 
 
 def feed(pipe: Pipeline, config: PipelineConfig, encoded: list[np.ndarray], frames: list[np.ndarray] | None,
-         roi: list[np.ndarray], mirror: list[bool]) -> None:
-    """Queue one batch of inputs (lists, one entry per sample) for the next `pipe.run()`."""
+         roi: list[np.ndarray], mirror: list[bool], augment: list[ClipParams] | None = None) -> None:
+    """Queue one batch of inputs (lists, one entry per sample) for the next `pipe.run()`; `augment` is
+    needed when the config enables augmentations."""
     pipe.feed_input("encoded", encoded)
     if config.media == "video":
         pipe.feed_input("frames", [np.asarray(f, np.int32) for f in frames])
     pipe.feed_input("roi", [np.asarray(r, np.float32) for r in roi])
     pipe.feed_input("mirror", [np.array(int(m), np.int32) for m in mirror])
+    if config.augment.enabled:
+        if augment is None:
+            raise ValueError("the graph applies augmentations: feed each sample's drawn ClipParams (augment=)")
+        feed_augment(pipe, config.augment, augment)

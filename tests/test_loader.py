@@ -16,6 +16,7 @@ from test_video_pipeline import loopback_ray, psnr, pyav_frames, run_shard_job
 
 from pipelines import loader as loader_module
 from pipelines import preview
+from pipelines.augment import Augment, ClipParams
 from pipelines.loader import LoaderError, VideoLoader
 from pipelines.sampling import uniform_indices
 from pipelines.source import SampleError, ShardIndex, ShardReader
@@ -157,6 +158,28 @@ def test_set_epoch_reshuffles_and_redraws_augmentation(shards, device):
     epoch1 = batches(loader)
     assert [b["key"] for b in epoch0] != [b["key"] for b in epoch1]
     assert sorted(k for b in epoch0 for k in b["key"]) == sorted(k for b in epoch1 for k in b["key"])
+
+
+SIFA_K400 = {"color_jitter": (0.4, 0.4, 0.4, 0.1), "color_jitter_prob": 0.8, "grayscale_prob": 0.2,
+             "gaussian_blur_prob": 0.5}
+
+
+def test_a_seed_fixes_the_augmented_batch_and_augmenting_leaves_frames_window_and_flip(shards, device):
+    augmented, again = (load(shards, device=device, seed=3, num_pipelines=1, **SIFA_K400) for _ in range(2))
+    first, second = next(iter(augmented)), next(iter(again))
+    assert first["key"] == second["key"]
+    torch.testing.assert_close(first["video"], second["video"], rtol=0, atol=0)
+    # The augmentations are drawn after the view's frames, window and flip: those stay what they were.
+    plain = load(shards, seed=3)
+    unread = SampleError("read", "not read: the views come from the index alone")
+    draws = []
+    for row in range(len(plain.index)):
+        (before,), (after,) = plain._views(row, unread, 0), augmented._views(row, unread, 0)
+        assert before.roi == after.roi and before.mirror == after.mirror and before.augment == ClipParams()
+        np.testing.assert_array_equal(before.frames, after.frames)
+        draws += [after.augment] if after.augment != ClipParams() else []
+    assert len(plain.index) / 2 < len(draws) == len(set(draws))                           # a draw of its own per clip
+    assert load(shards, "val", mode="eval", **SIFA_K400).config.augment == Augment()      # evaluation: none
 
 
 def test_start_batch_resumes_the_epoch_exactly(shards, device):

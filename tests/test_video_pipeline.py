@@ -15,6 +15,7 @@ import torchvision
 from einops import rearrange
 from nvidia.dali import fn, pipeline_def, types
 
+from pipelines.augment import Augment
 from pipelines.gops import cut, webm_packets
 from pipelines.video_pipeline import PipelineConfig, build, decode, feed, video_pipeline
 from shards.job import JobConfig, run_job, transcode_options
@@ -199,24 +200,53 @@ def test_a_grid_too_small_for_the_clip_is_refused_with_the_fix():
         PipelineConfig(num_frames=8, media="image")
 
 
-def placement(config: PipelineConfig, device: str) -> list[tuple[str, str]]:
-    """(operator, backend) of each node of the graph, as DALI's Python front end places them.
+def graph(config: PipelineConfig, device: str) -> list:
+    """The operator instances of the graph as DALI's Python front end places them, in topological order.
 
     That front end checks every argument against the operator's schema and every input against the
     devices the operator accepts; only instantiating the graph needs CUDA. So on a machine without a GPU
     this still checks the device="gpu" graph (DALI 2.4: `_build_graph` is the first half of `build`)."""
     pipe = video_pipeline(config, device, batch_size=2, num_threads=1, device_id=0 if device == "gpu" else None)
     pipe._build_graph()
-    return [(op._op._operator_name().removeprefix("nvidia.dali.fn."), op._op.device) for op in pipe._ops]
+    return pipe._ops
 
 
-@pytest.mark.parametrize("media, layout", [("video", "BTCHW"), ("video", "BCTHW"), ("video", "super"),
-                                           ("image", "BTCHW")])
-def test_the_gpu_graph_decodes_on_the_gpu_and_keeps_every_pixel_there(media, layout):
-    config = PipelineConfig(num_frames=8 if media == "video" else 1, layout=layout, media=media)
-    gpu, cpu = placement(config, "gpu"), placement(config, "cpu")
+def placement(ops: list) -> list[tuple[str, str]]:
+    """(operator, backend) of each node of a graph."""
+    return [(op._op._operator_name().removeprefix("nvidia.dali.fn."), op._op.device) for op in ops]
+
+
+def downstream_of_the_decoder(ops: list) -> list:
+    """The operators that touch pixels: the decoder and everything fed, directly or not, by its output."""
+    pixel = set()
+    for op in ops:
+        if "decoders." in op._op._operator_name() or any(i.source is not None and id(i.source) in pixel
+                                                          for i in op.inputs):
+            pixel.add(id(op))
+    return [op for op in ops if id(op) in pixel]
+
+
+AUGMENTED = {"sifa_k400": Augment.of((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5),
+             "sifa_ssv2": Augment.of(rand_augment=(2, 27))}
+
+
+@pytest.mark.parametrize("media, layout, augment", [("video", "BTCHW", None), ("video", "BCTHW", None),
+                                                    ("video", "super", None), ("image", "BTCHW", None),
+                                                    ("video", "super", "sifa_k400"), ("video", "BTCHW", "sifa_ssv2")])
+def test_the_gpu_graph_decodes_on_the_gpu_and_keeps_every_pixel_there(media, layout, augment):
+    config = PipelineConfig(num_frames=8 if media == "video" else 1, layout=layout, media=media,
+                            augment=AUGMENTED[augment] if augment else Augment())
+    ops = graph(config, "gpu")
+    gpu, cpu = placement(ops), placement(graph(config, "cpu"))
     assert [name for name, _ in gpu] == [name for name, _ in cpu]          # one definition, two devices
     assert ("decoders." + media, "mixed") in gpu                             # NVDEC, nvJPEG
-    on_host = {name for name, backend in gpu if backend == "cpu"}
-    assert on_host == {"external_source", "_tensor_subscript"}               # the fed inputs and their slices
     assert gpu[-1][1] == "gpu" and all(backend == "cpu" for _, backend in cpu)
+    pixels = downstream_of_the_decoder(ops)
+    assert len(pixels) >= 3 and all(op._op.device == "gpu" for op in pixels[1:])   # after the decoder: all on the GPU
+    for op in ops:      # a GPU operator's data inputs sit where its schema wants them (arguments stay on the host)
+        if op._op.device == "gpu":
+            for i, node in enumerate(op.inputs[:op._spec.NumRegularInput()]):
+                assert node.device == op._op._schema.GetInputDevice(i, None, "gpu"), op._op._operator_name()
+    on_host = {name for name, backend in gpu if backend == "cpu"}
+    if augment is None:      # only the fed inputs and their slices: per-sample numbers, never pixels
+        assert on_host == {"external_source", "_tensor_subscript"}
