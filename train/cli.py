@@ -5,13 +5,16 @@
     python -m train eval --checkpoint runs/<run>                      # its latest checkpoint
     python -m train eval --checkpoint s3://bucket/runs/<run>/checkpoint_<time> eval.clips=4
     python -m train eval --checkpoint k400_tsm_r50.pt data.val.shards=s3://bucket/k400-shards
+    python -m train predict a.mp4 b.mkv --checkpoint k400_tsm_r50.pt eval.clips=4 eval.crops=3 [--json]
 
 `key=value` overrides any config key (dotted, YAML values: optim.lr=3e-4 eval.orders=[normal,shuffled]).
 With --workers or --gpus-per-worker the same run goes through Ray Train (train.ray_train).
 `eval` without --config takes the checkpoint's own config and model (its build record), but never code:
 a checkpoint whose config imports modules or names a loader class needs --config, or those keys restated.
+`predict` prints the top-5 classes of each video file, through the evaluation path (train.predict).
 Exit status: 0 done; 1 an evaluation that left videos out (the report lists them; --allow-missing
-accepts it); 2 an error in what was given (recipe, paths, shards, classes), printed as one line.
+accepts it), or a video predict could not read; 2 an error in what was given (recipe, paths, shards,
+classes), printed as one line.
 """
 from __future__ import annotations
 
@@ -53,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--ema", action="store_true", help="evaluate the EMA weights the checkpoint holds")
             c.add_argument("--allow-missing", action="store_true",
                            help="exit 0 even when videos of the split could not be evaluated (they are listed)")
+    c = sub.add_parser("predict", help="top-5 classes of video files (any container or codec PyAV reads)")
+    c.add_argument("inputs", nargs="+", metavar="VIDEO",
+                   help="video files or URLs (any container or codec PyAV reads), and key=value config overrides "
+                        "(eval.clips=4 eval.crops=3 data.options.protocol=ibm)")
+    c.add_argument("--checkpoint", required=True, help="a checkpoint file or folder (as eval), or a converted release")
+    c.add_argument("--config", help="recipe YAML whose views and loader options to use (default: the checkpoint's)")
+    c.add_argument("--classes", help="class names, one per line in label order (default: the checkpoint's)")
+    c.add_argument("--dataset", help="which dataset's head and classes, for a run over several (default: the first)")
+    c.add_argument("--short-side", type=int, default=320,
+                   help="normalise as the shard job's --short-side did for the training shards (default 320; 0 keeps)")
+    c.add_argument("--fps", type=float, default=None, help="as the shard job's --fps (default: the source's rate)")
+    c.add_argument("--json", action="store_true", help="print JSON (with every class's mean logit) instead of a table")
     return p
 
 
@@ -217,6 +232,9 @@ def user_error(error: BaseException) -> BaseException | None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.command == "predict":
+        from train.predict import run as predict
+        return predict(args)
     from train.metrics import say
     overrides = overrides_of(args)
     if args.command == "fit":
@@ -257,7 +275,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "predict" and not any(text.startswith("-") for text in extra):
+        args.inputs += extra   # argparse reads one run of positionals: VIDEO... --checkpoint X key=value
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return run(args)
     except Exception as error:   # noqa: BLE001 - a user's error becomes one line; anything else is a bug
