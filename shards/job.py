@@ -4,6 +4,8 @@ Resuming is the normal way to recover from anything (a killed driver, a lost nod
 rerun the same command. `_job/config.json` records the arguments that define the output and the plan's
 fingerprint; a rerun with the same ones skips every committed shard, while a rerun with different ones
 is refused (mixing two option sets in one dataset would be silent corruption) unless `overwrite`.
+The arguments are recorded with credential fields redacted (`contract.credentials`), and every line the
+job logs is scrubbed of the environment's credential values.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
+
+from contract.credentials import redact, scrub
 
 from . import storage
 from .execute import Progress, run_shards
@@ -57,13 +61,14 @@ class JobConfig:
     progress_every: float = 5.0
 
     def identity(self) -> dict:
-        """The arguments that determine the output; a resume must match them exactly (JSON-normalised)."""
+        """The arguments that determine the output, credentials redacted; a resume must match them exactly
+        (JSON-normalised)."""
         options = {k: v for k, v in dataclasses.asdict(self.transcode).items() if k not in _NOT_IDENTITY}
-        return json.loads(json.dumps({
+        return redact(json.loads(json.dumps({
             "dataset": self.dataset, "annotations": self.annotations and storage.absolute_url(self.annotations),
             "videos": storage.absolute_url(self.videos), "shard_size": self.shard_size, "seed": self.seed,
             "splits": list(self.splits) if self.splits else None, "adapter_options": self.adapter_options,
-            **options}, sort_keys=True))
+            **options}, sort_keys=True)))
 
 
 def _check_transcode(short_side: int | None, codec: str, gop: int, fps: float | None) -> None:
@@ -209,6 +214,9 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print, connect: Call
     Every check that can fail runs before `connect` (which defaults to `ray.init()` unless connected), and
     a rerun of a finished job rebuilds its outputs without starting Ray at all.
     """
+    def say(line: str) -> None:
+        log(scrub(line))
+
     validate(config)
     previous = claim_output(config)
     plan = load_plan(config)
@@ -216,7 +224,7 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print, connect: Call
     committed = committed_counts(config, plan) if resuming else {}
     todo = [s for s in plan.shards if s.name not in committed]
     done, failed = sum(s + f for s, f in committed.values()), sum(f for _, f in committed.values())
-    log(f"plan: {plan.num_records} videos in {len(plan.shards)} shards over splits {list(plan.splits)}, "
+    say(f"plan: {plan.num_records} videos in {len(plan.shards)} shards over splits {list(plan.splits)}, "
         f"{len(plan.failures)} rejected at the annotation stage; "
         + (f"resuming: {len(committed)} shards already committed, {len(todo)} to write" if resuming
            else f"{len(todo)} shards to write"))
@@ -225,7 +233,7 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print, connect: Call
         progress = Progress(total=plan.num_records, done=done, failed=failed, resumed=done)
         workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         errors = run_shards(todo, config.transcode, storage.absolute_url(config.output), workers,
-                            progress, log, config.progress_every)
+                            progress, say, config.progress_every)
         if errors:
             raise JobIncomplete(f"{len(errors)} of {len(plan.shards)} shards failed after retries "
                                 f"({'; '.join(f'{k}: {v}' for k, v in list(errors.items())[:3])}). "
