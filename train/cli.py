@@ -14,7 +14,10 @@ import argparse
 import time
 from pathlib import Path
 
-from train.config import ConfigError, apply_overrides, load_config, validate
+import yaml
+
+from contract.credentials import scrub, secret_env_values, secret_values, without_redacted
+from train.config import ConfigError, apply_overrides, load_config, parse_override, validate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +56,20 @@ def resolve(args: argparse.Namespace) -> dict:
             raise ConfigError("fit needs --config configs/<recipe>.yaml")
         return load_config(args.config, overrides)
     from contract.checkpoints import load   # eval without --config: the checkpoint's own resolved config
-    return validate(apply_overrides(load(args.checkpoint)["config"], overrides))
+    # stored redacted: without those entries the storage credentials come from the environment again
+    return validate(apply_overrides(without_redacted(load(args.checkpoint)["config"]), overrides))
+
+
+def secrets_of(overrides: list[str]) -> list[str]:
+    """The credential values an error message must not repeat: the environment's and the overrides'."""
+    found = secret_env_values()
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except (ConfigError, yaml.YAMLError):   # an unreadable override is the error being reported
+            continue
+        found += secret_values({keys[-1]: value})
+    return found
 
 
 def use_ray(cfg: dict) -> bool:
@@ -101,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg = resolve(args)
     except ConfigError as e:
-        parser.error(str(e))
+        parser.error(scrub(str(e), secrets_of(args.overrides)))
     if args.command == "fit":
         if use_ray(cfg):
             from train.ray_train import fit_with_ray
