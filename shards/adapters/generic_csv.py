@@ -3,6 +3,10 @@
 Paths are URLs or paths relative to `videos`; image files become image records, so one list can mix
 images and videos. An empty label means unlabelled (-1). Keys are the path (relative to `videos`, or the
 URL without its protocol) minus the extension, with every other character than [A-Za-z0-9_-] made '_'.
+
+A URL row must be in the scheme of `videos` (s3:// rows with an s3:// videos root); local paths (absolute
+or file://) are always taken. A row in another scheme (https://, a second store) is refused unless
+`other_schemes=True`: an annotation file must not make the job request any URL the cluster can reach.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from shards.adapters.common import (IMAGE_EXTS, VIDEO_EXTS, AdapterResult, Colle
 from shards.records import VideoRecord
 
 
-def load(annotations: str, videos: str | None = None, split: str = "train", classes=None) -> AdapterResult:
+def load(annotations: str, videos: str | None = None, split: str = "train", classes=None,
+         other_schemes: bool = False) -> AdapterResult:
     out = Collector()
     fs, path = open_url(annotations, "annotations", must_be_dir=False)
     url = to_url(fs, path)
@@ -36,7 +41,14 @@ def load(annotations: str, videos: str | None = None, split: str = "train", clas
         entries.append((where, row[0].strip(), row[1].strip(), (row[2].strip() if len(row) > 2 else "") or split))
     names = read_classes(classes) or sorted({label for *_, label, _ in entries if label})
     index_of = {name: i for i, name in enumerate(names)}
+    protocol = vfs.protocol if vfs else "file"
+    schemes = {"file", *((protocol,) if isinstance(protocol, str) else protocol)}   # local paths are always fine
     for where, rel, label, row_split in entries:
+        scheme = rel.split("://", 1)[0].lower() if "://" in rel else "file"
+        if scheme not in schemes and not other_schemes:
+            out.fail(where, row_split, "annotations", f"{rel} is a {scheme}:// URL but the videos are not; give "
+                                                      f"--adapter-option other_schemes=true to fetch it")
+            continue
         remote = "://" in rel or rel.startswith("/") or vroot is None
         efs, epath = url_to_fs(rel) if remote else (vfs, f"{vroot}/{rel.removeprefix('./')}")
         key = safe_key(rel.split("://")[-1].rsplit(".", 1)[0].removeprefix("./").lstrip("/"))
