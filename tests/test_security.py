@@ -41,7 +41,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def bucket(monkeypatch):
-    """A local S3 server; the environment holds canary credentials, as a user's shell would (moto takes any)."""
+    """A local S3 server; the environment holds canary credentials, as a user's shell would (moto takes any).
+    Buckets of their own: every moto server of a test process shares one store."""
     import logging
 
     import s3fs
@@ -56,8 +57,8 @@ def bucket(monkeypatch):
         monkeypatch.setenv(name, value)
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("data")
-    fs.mkdir("runs")
+    fs.mkdir("security-data")
+    fs.mkdir("security-runs")
     yield fs
     server.stop()
     s3fs.S3FileSystem.clear_instance_cache()
@@ -78,37 +79,40 @@ def test_no_canary_credential_reaches_any_file_log_or_output(bucket, tmp_path, c
 
     sample = make_sample_dataset(tmp_path / "sample", num_classes=2, train_per_class=2, val_per_class=1,
                                  size=(64, 48), fps=10, seconds=1.6, broken=False)
-    bucket.put(sample["root"] + "/", "data/sample", recursive=True)
+    bucket.put(sample["root"] + "/", "security-data/sample", recursive=True)
     ray_dir = tempfile.mkdtemp(prefix="vs-ray-")          # short: Ray's socket paths must fit 107 bytes
     try:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
                  _temp_dir=ray_dir, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         try:
-            run_job(JobConfig("s3://data/sample/annotations", "s3://data/sample/videos", "s3://data/shards",
+            run_job(JobConfig("s3://security-data/sample/annotations", "s3://security-data/sample/videos",
+                              "s3://security-data/shards",
                               transcode=transcode_options(short_side=48), workers=2, progress_every=0.5))
         finally:
             ray.shutdown()
 
         run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
         cli.main(["fit", "--config", str(REPO / "configs" / "sample_tsm.yaml"), "--run-dir", str(run_dir),
-                  "data.train.shards=s3://data/shards", "data.val.shards=s3://data/shards", "data.batch_size=2",
+                  "data.train.shards=s3://security-data/shards", "data.val.shards=s3://security-data/shards",
+                  "data.batch_size=2",
                   "data.options.short_side=[36,40]", "data.options.readers=1",
                   f"data.options.storage_options={{key: {OPTION_KEY}, secret: '{OPTION_SECRET}'}}",
                   "model.num_classes=2", "model.img_size=32", "sched.epochs=1", "sched.warmup_epochs=0",
                   "train.checkpoint_every=1", "train.eval_every=0", "train.log_every=1", "eval.at_end=false",
-                  "eval.clips=1", "eval.orders=[normal]", "run.storage=s3://runs/tiny/checkpoints",
+                  "eval.clips=1", "eval.orders=[normal]", "run.storage=s3://security-runs/tiny/checkpoints",
                   f"run.storage_options={{key: {OPTION_KEY}, secret: '{OPTION_SECRET}'}}"])
         # The checkpoint's own config, read back without its redacted keys: the environment's credentials.
-        report = cli.main(["eval", "--checkpoint", "s3://runs/tiny/checkpoints", "--run-dir", str(eval_dir)])
+        report = cli.main(["eval", "--checkpoint", "s3://security-runs/tiny/checkpoints", "--run-dir", str(eval_dir)])
         assert report["results"]["main"]["normal"]["video"]["count"] == 2
 
         written = {str(p): p.read_bytes() for p in files_under(run_dir, eval_dir, ray_dir)}
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
-    objects = [p for b in ("data", "runs") for p in bucket.find(b) if not p.startswith("data/sample/")]
+    objects = [p for b in ("security-data", "security-runs") for p in bucket.find(b)
+               if not p.startswith("security-data/sample/")]
     written |= {f"s3://{p}": bucket.cat_file(p) for p in objects}
     stored = [p for p in objects if p.endswith(".pt")]
-    assert len(stored) == 2 and any(p.startswith("data/shards/") for p in objects)
+    assert len(stored) == 2 and any(p.startswith("security-data/shards/") for p in objects)
     configs = {p: checkpoints.load(f"s3://{p}")["config"] for p in stored}
     out, err = capfd.readouterr()
     assert "videos 6/6" in out and any(".log" in path for path in written)   # the job's lines, Ray's logs

@@ -45,6 +45,8 @@ def ray_session(s3_server):
     """One small local Ray for the module (never an existing cluster: address='local'). Its workers read
     the S3 server's endpoint and credentials from the environment Ray started with, as a cluster's nodes
     read theirs: the job hands its tasks no credentials."""
+    import s3fs
+
     env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
@@ -55,6 +57,7 @@ def ray_session(s3_server):
     ray.shutdown()
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()   # fsspec caches clients; this one's server is gone
 
 
 @pytest.fixture(scope="module")
