@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_ray_submit import free_port
 
 from contract import checkpoints
 from contract.credentials import REDACTED, redact
@@ -31,20 +32,12 @@ OPTION_KEY, OPTION_SECRET = "AKIDcanaryOptKey8a3b", "canaryOptionSecret/41d8f0"
 CANARIES = (ENV_KEY, ENV_SECRET, OPTION_KEY, OPTION_SECRET)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------- credentials
 
 @pytest.fixture
 def bucket(monkeypatch):
     """A local S3 server; the environment holds canary credentials, as a user's shell would (moto takes any).
     Buckets of their own: every moto server of a test process shares one store."""
-    import logging
-
     import s3fs
     from moto.server import ThreadedMotoServer
 
@@ -86,21 +79,21 @@ def test_no_canary_credential_reaches_any_file_log_or_output(bucket, tmp_path, c
                  _temp_dir=ray_dir, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         try:
             run_job(JobConfig("s3://security-data/sample/annotations", "s3://security-data/sample/videos",
-                              "s3://security-data/shards",
-                              transcode=transcode_options(short_side=48), workers=2, progress_every=0.5))
+                              "s3://security-data/shards", transcode=transcode_options(short_side=48), workers=2,
+                              progress_every=0.5))
         finally:
             ray.shutdown()
 
         run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+        options = f"{{key: {OPTION_KEY}, secret: '{OPTION_SECRET}'}}"
+        shards = "s3://security-data/shards"
         cli.main(["fit", "--config", str(REPO / "configs" / "sample_tsm.yaml"), "--run-dir", str(run_dir),
-                  "data.train.shards=s3://security-data/shards", "data.val.shards=s3://security-data/shards",
-                  "data.batch_size=2",
-                  "data.options.short_side=[36,40]", "data.options.readers=1",
-                  f"data.options.storage_options={{key: {OPTION_KEY}, secret: '{OPTION_SECRET}'}}",
+                  f"data.train.shards={shards}", f"data.val.shards={shards}", f"data.options.storage_options={options}",
+                  "data.batch_size=2", "data.options.short_side=[36,40]", "data.options.readers=1",
                   "model.num_classes=2", "model.img_size=32", "sched.epochs=1", "sched.warmup_epochs=0",
                   "train.checkpoint_every=1", "train.eval_every=0", "train.log_every=1", "eval.at_end=false",
                   "eval.clips=1", "eval.orders=[normal]", "run.storage=s3://security-runs/tiny/checkpoints",
-                  f"run.storage_options={{key: {OPTION_KEY}, secret: '{OPTION_SECRET}'}}"])
+                  f"run.storage_options={options}"])
         # The checkpoint's own config, read back without its redacted keys: the environment's credentials.
         report = cli.main(["eval", "--checkpoint", "s3://security-runs/tiny/checkpoints", "--run-dir", str(eval_dir)])
         assert report["results"]["main"]["normal"]["video"]["count"] == 2
@@ -185,9 +178,9 @@ def test_every_manifest_turns_token_auth_on_and_opens_the_dashboard_only_with_it
     starts = [launcher_start(c) for c in aws["head_start_ray_commands"] + aws["worker_start_ray_commands"]
               if "ray start" in c]
     assert len(starts) == 2 and all(env == {"RAY_AUTH_MODE": "token"} for env, _ in starts)
-    heads = [cluster["spec"]["headGroupSpec"]["rayStartParams"].get("dashboard-host"),
-             next(a.split("=", 1)[1] for a in starts[0][1] if a.startswith("--dashboard-host="))]
-    assert heads == ["0.0.0.0", "127.0.0.1"]   # 0.0.0.0 only on KubeRay, where every pod has the token
+    dashboards = [cluster["spec"]["headGroupSpec"]["rayStartParams"].get("dashboard-host"),
+                  next(a.split("=", 1)[1] for a in starts[0][1] if a.startswith("--dashboard-host="))]
+    assert dashboards == ["0.0.0.0", "127.0.0.1"]   # 0.0.0.0 only on KubeRay, where every pod has the token
 
 
 def kuberay_head(token: str, home: Path) -> tuple[dict, dict]:
@@ -206,7 +199,7 @@ def launcher_head(token: str, home: Path) -> tuple[dict, dict]:
     env["RAY_OVERRIDE_RESOURCES"] = json.dumps(aws["available_node_types"][aws["head_node_type"]]["resources"])
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(token)
-    params = dict((a[2:].split("=", 1) + [None])[:2] for a in args if a != "--head")
+    params = dict(a[2:].split("=", 1) for a in args if a != "--head")   # every other flag has a value there
     params.pop("autoscaling-config")   # the launcher writes that file on the head; it sets up scaling, not access
     return params, env
 
@@ -247,17 +240,17 @@ def answers(url: str) -> bool:
 
 
 def start_head(params: dict, env: dict, home: Path, temp_dir: Path) -> tuple[str, subprocess.Popen]:
-    """`ray start --head` with `params` in `env`, on 127.0.0.1 with free ports (a sandbox has no pod network)
-    and its own temp dir; returns its dashboard's URL and the process, at once."""
-    host = "127.0.0.1" if params.get("dashboard-host") == "0.0.0.0" else params.get("dashboard-host", "127.0.0.1")
+    """`ray start --head` with `params` in `env`, on 127.0.0.1 with free ports (a sandbox has no pod network:
+    the host address, the dashboard's too, becomes 127.0.0.1) and its own temp dir; returns its dashboard's
+    URL and the process, at once."""
     dashboard_port = free_port()
-    params = params | {"node-ip-address": "127.0.0.1", "dashboard-host": host, "port": free_port(),
+    params = params | {"node-ip-address": "127.0.0.1", "dashboard-host": "127.0.0.1", "port": free_port(),
                        "dashboard-port": dashboard_port, "ray-client-server-port": free_port(),
                        "dashboard-agent-listen-port": free_port()}
     if "object-manager-port" in params:
         params["object-manager-port"] = free_port()
     args = ["--head", "--block", "--disable-usage-stats", "--temp-dir", str(temp_dir)]
-    args += [f"--{k}" if v is None else f"--{k}={v}" for k, v in params.items()]
+    args += [f"--{k}={v}" for k, v in params.items()]
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     head = subprocess.Popen([shutil.which("ray") or "ray", "start", *args], env=base | env | {"HOME": str(home)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
@@ -283,11 +276,13 @@ def heads(tmp_path_factory) -> dict:
     finally:
         for _, process, _ in started.values():
             os.killpg(process.pid, signal.SIGTERM)
-        time.sleep(5)   # a graceful stop takes seconds; one still running then is killed
+        deadline = time.monotonic() + 5   # a graceful stop gets a few seconds, then the group is killed
         for _, process, _ in started.values():
-            if process.poll() is None:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+                process.wait()
         for folder in temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
 
