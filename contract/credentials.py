@@ -43,6 +43,15 @@ def without_redacted(value):
     return value
 
 
+def secret_values(value, secret: bool = False) -> list[str]:
+    """The texts `redact` would hide in `value` (every leaf under a secret-named key), to scrub from messages."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in secret_values(v, secret or is_secret_name(k))]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in secret_values(v, secret)]
+    return [str(value)] if secret and value is not None and len(str(value)) >= _MIN_SECRET else []
+
+
 def secret_env_values(environ=None) -> list[str]:
     """The values of the storage credentials in the environment, longest first."""
     environ = os.environ if environ is None else environ
@@ -52,6 +61,6 @@ def secret_env_values(environ=None) -> list[str]:
 
 def scrub(text: str, secrets: list[str] | None = None) -> str:
     """`text` with every credential value of the environment (or `secrets`) replaced by REDACTED."""
-    for secret in secret_env_values() if secrets is None else secrets:
+    for secret in sorted(secret_env_values() if secrets is None else secrets, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text

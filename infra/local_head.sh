@@ -12,8 +12,14 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}   # head and `ray job submit` must 
 # The working dir is uploaded to the cluster; data and run folders stay behind (jobs get absolute paths).
 JOB_RUNTIME_ENV='{"excludes": ["data/", ".git/", "runs/", "**/__pycache__/"]}'
 
+# The token file (~/.ray/auth_token, made once) is the key to every head it starts: its owner's alone.
+make_auth_token() {
+    (umask 077 && ray get-auth-token --generate >/dev/null)
+    [ ! -f "$HOME/.ray/auth_token" ] || chmod 600 "$HOME/.ray/auth_token"   # also one made before, 0644
+}
+
 start_local_head() {
-    [ "$RAY_AUTH_MODE" != token ] || ray get-auth-token --generate >/dev/null   # ~/.ray/auth_token, made once
+    [ "$RAY_AUTH_MODE" != token ] || make_auth_token
     HEAD_DIR=$(mktemp -d /tmp/vidscale-ray-XXXXXX)
     # Own temp dir, stopped by its PID: `ray stop` would kill every Ray on the machine.
     # shellcheck disable=SC2086

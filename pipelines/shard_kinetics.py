@@ -4,8 +4,9 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipelines/shard_kinetics.py ...
 
 A, V and O are local paths or fsspec URLs (s3://, gs://). Rerunning the same command resumes. Object
-storage is configured the usual way: AWS_* variables (AWS_ENDPOINT_URL for S3-compatible servers) or
-fsspec's FSSPEC_S3_ENDPOINT_URL; the job forwards them to its Ray workers.
+storage is configured the usual way: AWS_* variables (AWS_ENDPOINT_URL for S3-compatible servers),
+fsspec's FSSPEC_S3_ENDPOINT_URL or an instance profile. Each Ray node reads its own: a local Ray this
+script starts inherits the script's environment, a cluster's nodes have theirs (docs/infra.md).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 
+from contract.credentials import scrub  # noqa: E402
+from contract.local_ray import start_local_ray  # noqa: E402
 from shards.adapters import ADAPTERS  # noqa: E402
 from shards.finalize import IncompleteOutput  # noqa: E402
 from shards.job import (DEFAULT_SHARD_SIZE, ConfigError, JobConfig, JobIncomplete,  # noqa: E402
@@ -91,7 +94,8 @@ def in_submitted_job() -> bool:
 
 
 def connect_ray(address: str | None) -> None:
-    """Join the job's cluster, the given one, or a new local one; ship this repo to workers unless Ray already does."""
+    """Join the job's cluster, the given one, or a new one on 127.0.0.1; ship this repo to workers unless Ray
+    already does. Workers take storage credentials from their own node's environment (shards/storage.py)."""
     import ray
 
     if ray.is_initialized():   # called from Python with Ray already up
@@ -100,8 +104,10 @@ def connect_ray(address: str | None) -> None:
         ray.init(address=address or "auto")
         return
     runtime_env = {"working_dir": REPO_ROOT, "excludes": UPLOAD_EXCLUDES}
-    ray.init(address=address or "local", runtime_env=runtime_env,
-             **({} if address else {"include_dashboard": False}))
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        start_local_ray(runtime_env=runtime_env, include_dashboard=False)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -132,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         run_job(config, log=lambda line: print(line, flush=True), connect=lambda: connect_ray(args.ray_address))
     except ConfigError as e:
-        parser.error(str(e))
+        parser.error(scrub(str(e)))
     except (OutputConflict, LeaseHeld) as e:
-        print(f"shard_kinetics.py: error: {e}", file=sys.stderr)
+        print(f"shard_kinetics.py: error: {scrub(str(e))}", file=sys.stderr)
         return 2
     except (JobIncomplete, IncompleteOutput, LeaseLost) as e:
-        print(f"shard_kinetics.py: incomplete: {e}", file=sys.stderr)
+        print(f"shard_kinetics.py: incomplete: {scrub(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("shard_kinetics.py: interrupted; committed shards are kept and the output's lease is released: "

@@ -49,7 +49,8 @@ class ShardIndex:
     """The split's Parquet index as numpy columns, plus the filesystem its shards live on.
 
     `url` is a split folder (`<output>/train`, holding index.parquet) or the shard job's output root
-    with `split` naming the folder. Shard paths in the index are relative to the output root.
+    with `split` naming the folder. Shard paths in the index are relative to the output root, and an
+    index naming a shard outside it is refused: a crafted index must not make the loader read any file.
     """
 
     def __init__(self, url: str, split: str | None = None, storage_options: dict | None = None):
@@ -67,8 +68,16 @@ class ShardIndex:
             raise ValueError(f"{index} lists no samples; was every video of this split a failure? "
                              f"(see failures.parquet beside the split folders)")
         self.columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in _COLUMNS}
+        self._check_shards(index)
         self.keys = self.columns["key"]
         self.class_names = self._read_classes()
+
+    def _check_shards(self, index: str) -> None:
+        shards, first = np.unique(self.columns["shard"], return_index=True)
+        for shard, row in zip(shards, first):
+            if not posixpath.normpath(posixpath.join(self.root, shard)).startswith(self.root.rstrip("/") + "/"):
+                raise ValueError(f"{index} row {row} names shard {shard!r}, outside the shard root {self.root}; the "
+                                 f"index is damaged or was not written by the shard job: write the shards again")
 
     def _read_classes(self) -> tuple[str, ...] | None:
         """The shard job's classes.txt beside the split folders (line i names label i); None without one."""

@@ -14,6 +14,10 @@ dies (`max_retries`).
 
 Progress travels as per-shard counters to a small actor, at most once a second per task, so the
 driver never sees a message per video.
+
+Tasks get no runtime environment from the driver: Ray writes a task's `runtime_env` in full to its
+session logs, so storage credentials reach workers through their own node's environment instead
+(shards/storage.py). Failure reasons and error lines pass through `contract.credentials.scrub`.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
+
+from contract.credentials import scrub
 
 from . import storage
 from .plan import ShardSpec
@@ -39,9 +45,10 @@ def transcode_one(record: VideoRecord, options: TranscodeOptions) -> Clip | Fail
     try:
         return transcode(record, options)
     except VideoError as e:
-        return Failure(record.source, record.split, e.stage, e.reason, record.key)
+        return Failure(record.source, record.split, e.stage, scrub(e.reason), record.key)
     except Exception as e:   # noqa: BLE001 - transcode promises VideoError; anything else is a bug, kept per video
-        return Failure(record.source, record.split, "transcode", f"unexpected {type(e).__name__}: {e}", record.key)
+        return Failure(record.source, record.split, "transcode", scrub(f"unexpected {type(e).__name__}: {e}"),
+                       record.key)
 
 
 def write_shard(spec: ShardSpec, options: TranscodeOptions, output: str, board=None) -> dict:
@@ -122,9 +129,7 @@ def run_shards(specs: list[ShardSpec], options: TranscodeOptions, output: str, w
     `check` runs between waits and stops the run by raising (the job's lease was lost). Whatever stops it,
     Ctrl-C included, cancels the tasks still in flight: their shards are uncommitted and redone on resume.
     """
-    task = ray.remote(write_shard).options(
-        num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError],
-        runtime_env={"env_vars": storage.storage_env()})
+    task = ray.remote(write_shard).options(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])
     board = ProgressBoard.remote()
     pending, in_flight, errors = list(reversed(specs)), {}, {}
     last_log, last_counts = time.monotonic(), None
@@ -144,7 +149,7 @@ def run_shards(specs: list[ShardSpec], options: TranscodeOptions, output: str, w
                 except Exception as e:   # noqa: BLE001 - reported per shard; a rerun resumes them
                     cause = getattr(e, "cause", None) or e
                     last_line = (str(cause).strip().splitlines() or [""])[-1]   # not Ray's whole remote traceback
-                    errors[spec.name] = f"{type(cause).__name__}: {last_line}"
+                    errors[spec.name] = scrub(f"{type(cause).__name__}: {last_line}")
                     log(f"shard {spec.name} failed (retried up to {TASK_RETRIES} times): {errors[spec.name]}")
             if time.monotonic() - last_log >= interval:
                 running = ray.get(board.totals.remote([s.name for s in in_flight.values()]))

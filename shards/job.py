@@ -4,6 +4,8 @@ Resuming is the normal way to recover from anything (a killed driver, a lost nod
 rerun the same command. `_job/config.json` records the arguments that define the output and the plan's
 fingerprint; a rerun with the same ones skips every committed shard, while a rerun with different ones
 is refused (mixing two option sets in one dataset would be silent corruption) unless `overwrite`.
+The arguments are recorded with credential fields redacted (`contract.credentials`), and every line the
+job logs is scrubbed of the environment's credential values.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
+
+from contract.credentials import redact, scrub
 
 from . import storage
 from .execute import Progress, run_shards
@@ -60,13 +64,14 @@ class JobConfig:
     progress_every: float = 5.0
 
     def identity(self) -> dict:
-        """The arguments that determine the output; a resume must match them exactly (JSON-normalised)."""
+        """The arguments that determine the output, credentials redacted; a resume must match them exactly
+        (JSON-normalised)."""
         options = {k: v for k, v in dataclasses.asdict(self.transcode).items() if k not in _NOT_IDENTITY}
-        return json.loads(json.dumps({
+        return redact(json.loads(json.dumps({
             "dataset": self.dataset, "annotations": self.annotations and storage.absolute_url(self.annotations),
             "videos": storage.absolute_url(self.videos), "shard_size": self.shard_size, "seed": self.seed,
             "splits": list(self.splits) if self.splits else None, "adapter_options": self.adapter_options,
-            **options}, sort_keys=True))
+            **options}, sort_keys=True)))
 
 
 def _check_transcode(short_side: int | None, codec: str, gop: int, fps: float | None) -> None:
@@ -240,10 +245,13 @@ def run_job(config: JobConfig, log: Callable[[str], None] = print, connect: Call
     lease (`shards/lease.py`) from before it reads the output's state to after the manifest: a second job
     on the same output is refused, and the lease is released however this one ends, Ctrl-C included.
     """
+    def say(line: str) -> None:
+        log(scrub(line))
+
     validate(config)
     refuse_foreign_output(config)
-    with Lease(config.output, log=log) as lease:
-        return _run_leased(config, lease, log, connect)
+    with Lease(config.output, log=say) as lease:
+        return _run_leased(config, lease, say, connect)
 
 
 def _run_leased(config: JobConfig, lease: Lease, log: Callable[[str], None], connect: Callable[[], None]) -> dict:

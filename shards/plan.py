@@ -9,7 +9,9 @@ runs; transcoded sizes are neither. Downscaling usually shrinks videos, so shard
 video.
 
 Records whose keys would break the tar layout, or repeat within a split, are turned into
-annotation-stage failures here, so the writer never meets them.
+annotation-stage failures here, so the writer never meets them. So are records whose split is not a
+plain folder name: a split becomes a folder of the output, and `../x` would write outside it. This is
+the one place every adapter's records pass, so no adapter needs its own check.
 """
 from __future__ import annotations
 
@@ -60,6 +62,14 @@ class Plan:
     @property
     def num_records(self) -> int:
         return sum(len(s.records) for s in self.shards)
+
+
+def split_problem(split: str) -> str | None:
+    """Why `split` cannot name a folder of the output (one path segment, not `.` or `..`), or None."""
+    if split in ("", ".", "..") or any(c in split for c in "/\\\0"):
+        return (f"split {split!r} is not a folder name (one path segment, no '/', '\\' or '..'); fix the split "
+                f"of its annotation row, e.g. train or val")
+    return None
 
 
 def _key_problem(key: str, seen: set[str]) -> str | None:
@@ -128,7 +138,11 @@ def pack(records: list[VideoRecord], sizes: dict[str, int], shard_size: int, see
 def make_plan(records: list[VideoRecord], failures: list[Failure], classes: list[str], videos: str,
               shard_size: int, seed: int, splits: tuple[str, ...] | None = None) -> Plan:
     """The whole plan from an adapter's output; `splits` keeps only those splits (None: all)."""
-    available = sorted({r.split for r in records} | {f.split for f in failures})
+    bad = [r for r in records if split_problem(r.split)]
+    records = [r for r in records if not split_problem(r.split)]
+    failures = failures + [Failure(r.source, r.split, "annotations", f"{r.source}: {split_problem(r.split)}", r.key)
+                           for r in bad]
+    available = sorted({r.split for r in records} | {f.split for f in failures if not split_problem(f.split)})
     if splits:
         missing = [s for s in splits if s not in available]
         if missing:

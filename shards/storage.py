@@ -7,8 +7,11 @@ upload is only published on `commit()` (S3: the multipart upload completes, GCS:
 finalises), and is aborted by `discard()`.
 
 Endpoints and credentials come the way users already configure them: standard AWS variables
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) and fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` variables.
-`storage_env()` collects those so the driver can hand them to Ray workers on other processes or nodes.
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` variables, or the
+cloud's credential chain (instance profiles, workload identity). Every process reads them where it runs:
+the driver hands Ray workers nothing, because Ray logs a task's runtime environment in full. A local Ray
+the driver starts inherits the driver's environment; a cluster's nodes get theirs when `ray start` runs
+(a Kubernetes Secret, an instance profile; docs/infra.md).
 """
 from __future__ import annotations
 
@@ -20,9 +23,6 @@ from typing import IO, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-
-_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "GCSFS_", "S3_")
-
 
 def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it); a local path is made absolute, since Ray workers run in other folders."""
@@ -91,11 +91,6 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj) -> None:
 def read_json(fs: fsspec.AbstractFileSystem, path: str):
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
-
-
-def storage_env() -> dict[str, str]:
-    """The driver's storage configuration, to be forwarded to workers (see the module docstring)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
 
 
 def check_writable(url: str) -> None:

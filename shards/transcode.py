@@ -114,17 +114,20 @@ def _fetch(source: str, name: str, whole: bool = False):
 
 
 def _not_a_video(src, name: str, detail: str) -> VideoError:
-    """Say what the bytes look like, because 'invalid data' alone does not tell a person what to do."""
+    """Say what kind of bytes these are, because 'invalid data' alone does not tell a person what to do.
+
+    Only the kind and size: the reason lands in failures.parquet and on stdout, and the file may be any
+    file a row can name (`file:///etc/passwd`), so none of its content is copied."""
     if isinstance(src, str):
+        size = os.path.getsize(src)
         with open(src, "rb") as f:
             head = f.read(256)
     else:
-        head = src.getvalue()[:256]
+        size, head = len(src.getvalue()), src.getvalue()[:256]
     text = b"\0" not in head and sum(32 <= c < 127 or c in b"\r\n\t" for c in head) > 0.95 * len(head)
     if text:
-        start = head[:40].decode("ascii", "replace").strip().splitlines()[0] if head.strip() else ""
-        return VideoError("probe", f"{name}: not a video but text (starts {start!r}), probably an error page "
-                                   f"saved as the video; download it again")
+        return VideoError("probe", f"{name}: not a video but text (ASCII, {size:,} bytes), probably an error "
+                                   f"page saved as the video; download it again")
     return VideoError("probe", f"{name}: cannot read the container ({detail}): the file is truncated or "
                                f"corrupt; download it again")
 

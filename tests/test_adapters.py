@@ -1,6 +1,8 @@
 """Adapters: each dataset's own layout in, VideoRecords and Failures out, nothing dropped silently."""
+import http.server
 import json
 import shutil
+import threading
 
 import fsspec
 import numpy as np
@@ -168,6 +170,37 @@ def test_generic_csv_takes_relative_and_absolute_paths_images_and_unlabelled_row
         ("run_a", "train", 0, "video"), (f"{tmp_path}/elsewhere/b"[1:].replace("/", "_").replace(".", "_"), "val", 1, "video"),
         ("c", "train", 1, "image"), ("unlab", "test", -1, "video")]
     assert [(f.stage, f.source.rsplit(":", 1)[1]) for f in result.failures] == [("fetch", "5"), ("annotations", "6")]
+
+
+def test_generic_csv_fetches_a_url_in_another_scheme_than_the_videos_only_when_allowed(tmp_path, video):
+    """An annotation file must not make the job request whatever URL it names."""
+    requested = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            requested.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _put(video, tmp_path / "data" / "a.mp4")
+    url = f"http://127.0.0.1:{server.server_port}/internal/v.mp4"
+    (tmp_path / "list.csv").write_text(f"path,label\na.mp4,x\n{url},x\n")
+    try:
+        refused = adapters.load("csv", str(tmp_path / "list.csv"), str(tmp_path / "data"))
+        assert [r.key for r in refused.records] == ["a"] and requested == []
+        (failure,) = refused.failures
+        assert failure.stage == "annotations" and "other_schemes=true" in failure.reason
+        allowed = adapters.load("csv", str(tmp_path / "list.csv"), str(tmp_path / "data"), other_schemes=True)
+        assert requested and [f.stage for f in allowed.failures] == ["fetch"]   # asked for, and not there
+    finally:
+        server.shutdown()
 
 
 def test_image_folder_gives_image_records_and_reports_misplaced_images(tmp_path):

@@ -7,6 +7,7 @@ import shutil
 import warnings
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -294,6 +295,19 @@ def test_a_damaged_sample_is_recorded_and_replaced_without_ending_the_epoch(shar
     keys = [k for b in got for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
     assert key not in keys and len(keys) == 23                  # one stand-in, flagged invalid
     assert sum((~b["valid"]).sum().item() for b in got) == 1
+
+
+def test_an_index_naming_a_shard_outside_the_shard_root_is_refused(shards, tmp_path):
+    """A crafted index.parquet must not make the loader open any file the process can read."""
+    copy = tmp_path / "crafted"
+    shutil.copytree(f"{shards}/shards", copy)
+    table = pq.read_table(copy / "train" / "index.parquet")
+    column = table.column("shard").to_pylist()
+    column[3] = "../../../etc/passwd"
+    pq.write_table(table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(column)),
+                   copy / "train" / "index.parquet")
+    with pytest.raises(ValueError, match=r"row 3 names shard '\.\./\.\./\.\./etc/passwd', outside the shard root"):
+        VideoLoader(str(copy), split="train", batch_size=4, **SMALL)
 
 
 def test_more_failures_than_allowed_end_the_epoch_with_the_reasons(shards, tmp_path, device):

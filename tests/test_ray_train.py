@@ -43,11 +43,10 @@ def bucket():
 @pytest.fixture(scope="module")
 def local_ray(bucket):
     import ray
+    # The workers inherit the bucket's credentials from the environment Ray starts in (as a cluster's nodes
+    # have theirs); a runtime_env would write them to Ray's logs.
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             logging_level="ERROR", runtime_env={"env_vars": {
-                 "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
-                 **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                               "AWS_ENDPOINT_URL")}}})
+             logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}})
     yield ray
     ray.shutdown()
 

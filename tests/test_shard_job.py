@@ -26,6 +26,7 @@ from bad_inputs import write_bad_inputs
 from pipelines import shard_kinetics
 from shards import storage
 from shards.finalize import IncompleteOutput
+from shards.adapters.kinetics import clip_name
 from shards.job import ConfigError, JobConfig, OutputConflict, load_plan, run_job, transcode_options
 from shards.lease import LEASE, Lease, LeaseHeld, LeaseLost
 from shards.sample_dataset import make_sample_dataset
@@ -34,13 +35,36 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "pipelines" / "shard_kinetics.py"
 
 
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
 @pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    """One small local Ray for the module (never an existing cluster: address='local')."""
+def ray_session(s3_server):
+    """One small local Ray for the module (never an existing cluster: address='local'). Its workers read
+    the S3 server's endpoint and credentials from the environment Ray started with, as a cluster's nodes
+    read theirs: the job hands its tasks no credentials."""
+    import s3fs
+
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield
     ray.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()   # fsspec caches clients; this one's server is gone
 
 
 @pytest.fixture(scope="module")
@@ -233,29 +257,28 @@ def read_lease(output: str) -> dict | None:
     return storage.read_json(fs, path) if fs.exists(path) else None
 
 
-def fresh_output(request, tmp_path, monkeypatch) -> str:
+def fresh_output(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "shards")
     if request.param == "memory":
         return f"memory://locks/{uuid.uuid4().hex[:8]}"
     import s3fs
 
-    use_s3(monkeypatch, request.getfixturevalue("s3_server"))
-    s3fs.S3FileSystem().makedirs("locks", exist_ok=True)
+    s3fs.S3FileSystem().makedirs("locks", exist_ok=True)   # AWS_* from the environment (ray_session)
     return f"s3://locks/{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(params=["local", "s3", "memory"])
-def output_url(request, tmp_path, monkeypatch) -> str:
+def output_url(request, tmp_path) -> str:
     """A fresh output on a local disk, on the local S3 server, or on a store without conditional writes
     (fsspec's in-memory one stands for gs:// and the rest)."""
-    return fresh_output(request, tmp_path, monkeypatch)
+    return fresh_output(request, tmp_path)
 
 
 @pytest.fixture(params=["local", "s3"])
-def conditional_output_url(request, tmp_path, monkeypatch) -> str:
+def conditional_output_url(request, tmp_path) -> str:
     """A fresh output on a store that writes conditionally (the others only narrow races, docs/shard_format.md)."""
-    return fresh_output(request, tmp_path, monkeypatch)
+    return fresh_output(request, tmp_path)
 
 
 def test_a_second_job_on_a_locked_output_is_refused_naming_the_owner(sample, output_url, capsys):
@@ -359,6 +382,34 @@ def test_a_job_whose_lease_was_taken_over_stops_writing(tmp_path):
 
 
 # ---------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("dataset", ["kinetics", "csv"])
+def test_a_split_that_is_not_a_folder_name_is_a_failure_of_its_row_and_nothing_leaves_the_output(
+        sample, tmp_path, dataset):
+    """A split becomes a folder of the output; `../../x` would put a shard, its index and the split's
+    index.parquet two folders above it."""
+    rows = [line.split(",") for line in Path(sample["annotations"], "train.csv").read_text().splitlines()[1:3]]
+    label = rows[0][0]   # one class for both: the train split defines the classes
+    rows = [(yid, start, end, split) for (_, yid, start, end, _), split in zip(rows, ("train", "../../x"))]
+    if dataset == "kinetics":
+        annotations = tmp_path / "annotations.csv"
+        lines = [f"{label},{yid},{start},{end},{split}" for yid, start, end, split in rows]
+        annotations.write_text("\n".join(["label,youtube_id,time_start,time_end,split", *lines]) + "\n")
+    else:
+        videos = {p.stem: p.relative_to(sample["videos"]) for p in Path(sample["videos"]).rglob("*.mp4")}
+        annotations = tmp_path / "list.csv"
+        lines = [f"{videos[clip_name(yid, int(start), int(end))]},{label},{split}" for yid, start, end, split in rows]
+        annotations.write_text("\n".join(["path,label,split", *lines]) + "\n")
+    job = tmp_path / "job"
+    output = job / "deep" / "shards"
+    manifest = run_job(JobConfig(str(annotations), sample["videos"], str(output), dataset=dataset, workers=1),
+                       log=lambda _: None)
+    assert all(output in p.parents for p in job.rglob("*") if p.is_file()), sorted(job.rglob("*"))
+    assert list(manifest["splits"]) == ["train"] and manifest["splits"]["train"]["indexed"] == 1
+    (failure,) = rows_of(output / "failures.parquet")
+    assert failure["stage"] == "annotations" and failure["split"] == "../../x"
+    assert "'../../x' is not a folder name" in failure["reason"] and "fix the split" in failure["reason"]
+
 
 def test_every_bad_input_lands_in_failures_with_a_clear_reason(tmp_path):
     expected = write_bad_inputs(tmp_path / "bad")
@@ -523,30 +574,10 @@ def test_cli_resumes_after_being_killed_without_losing_or_rewriting_shards(sampl
 
 # ---------------------------------------------------------------- object storage
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def use_s3(monkeypatch, endpoint: str) -> None:
-    """Point S3 at the local server the way users do: AWS_* variables."""
-    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-
-
-def test_s3_input_and_output_through_aws_environment_variables_with_resume(sample, s3_server, monkeypatch):
+def test_s3_input_and_output_through_aws_environment_variables_with_resume(sample):
     import s3fs
 
-    use_s3(monkeypatch, s3_server)
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem()   # AWS_* from the environment (ray_session)
     fs.mkdir("data")
     fs.put(str(Path(sample["root"])) + "/", "data/sample", recursive=True)
     s3 = config(sample | {"annotations": "s3://data/sample/annotations", "videos": "s3://data/sample/videos"},

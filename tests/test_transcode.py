@@ -188,6 +188,15 @@ def test_an_image_that_is_not_an_image_is_a_probe_failure(tmp_path):
     assert e.value.stage == "probe" and "x.png" in e.value.reason
 
 
+def test_text_posing_as_a_video_is_named_by_its_kind_and_size_never_its_content(tmp_path):
+    """The reason is stored and printed; a row may name any readable file, so no line of it is copied."""
+    (tmp_path / "v.mp4").write_text("root:x:0:0:root:/root:/bin/bash\n" * 40)
+    with pytest.raises(VideoError) as e:
+        transcode(_record(tmp_path / "v.mp4"))
+    assert e.value.stage == "probe" and "text (ASCII, 1,280 bytes)" in e.value.reason
+    assert "root" not in e.value.reason.replace(str(tmp_path), "")
+
+
 def test_measured_rates_snap_to_the_rate_they_came_from():
     assert snap_rate(29.97) == snap_rate(30000 / 1001) and float(snap_rate(29.97)) == pytest.approx(29.97, abs=1e-3)
     assert snap_rate(24.6) == 25 and snap_rate(15.0) == 15 and snap_rate(12.5) == 12.5

@@ -24,6 +24,9 @@ import os
 import time
 from pathlib import Path
 
+import yaml
+
+from contract.credentials import scrub, secret_env_values, secret_values, without_redacted
 from train.config import DEFAULTS, ConfigError, apply_overrides, datasets_of, load_config, parse_override, validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,6 +114,17 @@ def from_scratch_warning(cfg: dict, recipe: str) -> str | None:
             f"{cfg['model']['name']} starts from random weights and will not reach the paper's accuracy; "
             f"give model.pretrained=<weights file> (see the recipe's comments)")
 
+def secrets_of(overrides: list[str]) -> list[str]:
+    """The credential values an error message must not repeat: the environment's and the overrides'."""
+    found = secret_env_values()
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except (ConfigError, yaml.YAMLError):   # an unreadable override is the error being reported
+            continue
+        found += secret_values({keys[-1]: value})
+    return found
+
 
 def use_ray(cfg: dict) -> bool:
     return cfg["ray"]["workers"] > 1 or cfg["ray"]["gpus_per_worker"] > 0 or cfg["ray"]["address"] is not None
@@ -122,7 +136,6 @@ def checkpoint_config(state: dict, checkpoint: str, overrides: list[str]) -> dic
 
     Code is never taken from a checkpoint: its `imports` and `data.loader` are used only when the command
     line restates them, else the checkpoint is refused with the fix."""
-    from contract.credentials import without_redacted
 
     if state.get("config") is None:
         if "build" not in state:
@@ -287,7 +300,6 @@ def main(argv: list[str] | None = None) -> dict:
         cause = user_error(error)
         if cause is None:
             raise
-        from contract.credentials import scrub
         from train.metrics import say
-        say(f"error: {scrub(' '.join(str(cause).split()))}")
+        say(f"error: {scrub(' '.join(str(cause).split()), secrets_of(getattr(args, 'overrides', [])))}")
         raise SystemExit(2) from None

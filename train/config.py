@@ -2,6 +2,8 @@
 
 A recipe names only what differs from `DEFAULTS`; the resolved config (every key, after inheritance and
 overrides) is what a run saves to its folder, so a run can always be repeated from its own folder.
+Saved configs have their credentials redacted (`contract.credentials`); reading one back drops the
+redacted entries, so the storage credentials come from the environment again.
 Keys are checked against `DEFAULTS`: a typo is an error that names the key and the nearest real one,
 never a silently ignored setting. Values are checked against their default's type (or `TYPES`, where
 the default is None) and against `MINIMUM`, so `optim.lr=abc` or `sched.epochs=0` is refused in one line
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from contract.credentials import redact, without_redacted
 
 
 class _Loader(yaml.SafeLoader):
@@ -198,7 +202,7 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.load(f, Loader=_Loader) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
-    return data
+    return without_redacted(data)
 
 
 def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -314,5 +318,6 @@ def datasets_of(cfg: dict) -> dict[str, dict]:
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
+    """Write the resolved config, credentials redacted (`load_config` reads it back)."""
     with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        yaml.safe_dump(redact(cfg), f, sort_keys=False)

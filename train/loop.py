@@ -38,6 +38,7 @@ from torch import nn
 
 import models
 from contract import checkpoints
+from contract.credentials import redact
 from contract.inputs import InputContract
 from models.saved import entries
 from train import checkpoint as ckpt
@@ -365,7 +366,7 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "epoch": self.epoch, "updates": self.updates, "best": self.best,
                 "sources": {s.name: s.state() for s in self.sources}, "rng": ranks,
-                "world_size": self.world_size, "config": self.cfg}
+                "world_size": self.world_size, "config": redact(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])

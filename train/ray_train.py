@@ -22,6 +22,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from contract import checkpoints
+from contract.local_ray import start_local_ray
 from train.config import ConfigError, save_config
 from train.loop import fit, new_run_dir
 from train.metrics import run_files, write_index
@@ -37,9 +38,7 @@ def connect(address: str | None) -> None:
     if address or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         ray.init(address=address or "auto")
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # else Ray binds the host's own IP
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-             runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES})
+    start_local_ray(include_dashboard=False, runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES})
 
 
 def storage(cfg: dict, run_dir: Path):

@@ -8,6 +8,10 @@ The grammar leaves no row two readings (docs/datasets.md): a split column exists
 `path,label,split`, so a label with an unquoted comma makes a row too long, an error that says to quote
 it, instead of a label cut short and a new split. A first line that is neither that header nor a row
 with a media path is a header under other names, also an error. Integer labels sort as numbers.
+
+A URL row must be in the scheme of `videos` (s3:// rows with an s3:// videos root); local paths (absolute
+or file://) are always taken. A row in another scheme (https://, a second store) is refused unless
+`other_schemes=True`: an annotation file must not make the job request any URL the cluster can reach.
 """
 from __future__ import annotations
 
@@ -73,9 +77,10 @@ def class_order(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def load(annotations: str, videos: str | None = None, split: str = "train", classes=None) -> AdapterResult:
+def load(annotations: str, videos: str | None = None, split: str = "train", classes=None,
+         other_schemes: bool = False) -> AdapterResult:
     """`split`: the split of rows without one; `classes`: a list or a file of names in label order
-    (default: `class_order` of every label)."""
+    (default: `class_order` of every label); `other_schemes`: take rows in another scheme than `videos`."""
     out = Collector()
     fs, path = open_url(annotations, "annotations", must_be_dir=False)
     url = to_url(fs, path)
@@ -88,7 +93,14 @@ def load(annotations: str, videos: str | None = None, split: str = "train", clas
     if names is None:
         names = class_order({label for *_, label, _ in entries if label})
     index_of = {name: i for i, name in enumerate(names)}
+    protocol = vfs.protocol if vfs else "file"
+    schemes = {"file", *((protocol,) if isinstance(protocol, str) else protocol)}   # local paths are always fine
     for where, rel, label, row_split in entries:
+        scheme = rel.split("://", 1)[0].lower() if "://" in rel else "file"
+        if scheme not in schemes and not other_schemes:
+            out.fail(where, row_split, "annotations", f"{rel} is a {scheme}:// URL but the videos are not; give "
+                                                      f"--adapter-option other_schemes=true to fetch it")
+            continue
         remote = "://" in rel or rel.startswith("/") or vroot is None
         efs, epath = url_to_fs(rel) if remote else (vfs, f"{vroot}/{rel.removeprefix('./')}")
         key = safe_key(rel.split("://")[-1].rsplit(".", 1)[0].removeprefix("./").lstrip("/"))
