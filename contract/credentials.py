@@ -18,7 +18,8 @@ REDACTED = "<redacted>"
 _SECRET_NAME = re.compile(r"(^|[_-])(key|key_id|secret|token|password|passwd|credentials?)$", re.IGNORECASE)
 # Environment variables whose values are secrets (their names follow the same rule).
 _STORAGE_ENV = ("AWS_", "FSSPEC_", "GOOGLE_", "GCSFS_", "S3_", "AZURE_")
-_MIN_SECRET = 4   # shorter values would scrub ordinary words out of messages
+_MIN_SECRET = 8   # shorter values are no real credential (AWS key ids have 20 characters), and scrubbing
+                 # them would cut ordinary words ("test") out of messages
 
 
 def is_secret_name(name: str) -> bool:

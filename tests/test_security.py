@@ -128,7 +128,8 @@ def test_a_redacted_config_reads_back_without_its_placeholders(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     checkpoints.save({"config": redact(cfg)}, str(tmp_path / "state.pt"))   # as Trainer.state_dict stores it
     assert OPTION_SECRET not in (tmp_path / "config.yaml").read_text()
-    from_checkpoint = cli.resolve(cli._parser().parse_args(["eval", "--checkpoint", str(tmp_path / "state.pt")]))
+    path = str(tmp_path / "state.pt")
+    from_checkpoint = cli.checkpoint_config(checkpoints.load(path), path, [])
     for read_back in (load_config(tmp_path / "config.yaml"), from_checkpoint):
         assert read_back["run"]["storage_options"] == {"client_kwargs": {"region_name": "us-east-1"}}
 
