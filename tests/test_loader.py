@@ -14,7 +14,7 @@ import torchvision
 from fsspec.implementations.local import LocalFileSystem
 from test_video_pipeline import loopback_ray, psnr, pyav_frames, run_shard_job
 
-from pipelines import loader as loader_module
+from pipelines import host
 from pipelines import preview
 from pipelines.augment import Augment, ClipParams
 from pipelines.loader import LoaderError, VideoLoader
@@ -169,17 +169,17 @@ def test_a_seed_fixes_the_augmented_batch_and_augmenting_leaves_frames_window_an
     first, second = next(iter(augmented)), next(iter(again))
     assert first["key"] == second["key"]
     torch.testing.assert_close(first["video"], second["video"], rtol=0, atol=0)
-    # The augmentations are drawn after the view's frames, window and flip: those stay what they were.
+    # The augmentations are drawn apart from the view's frames, window and flip: those stay what they were.
     plain = load(shards, seed=3)
-    unread = SampleError("read", "not read: the views come from the index alone")
-    draws = []
-    for row in range(len(plain.index)):
-        (before,), (after,) = plain._views(row, unread, 0), augmented._views(row, unread, 0)
-        assert before.roi == after.roi and before.mirror == after.mirror and before.augment == ClipParams()
-        np.testing.assert_array_equal(before.frames, after.frames)
-        draws += [after.augment] if after.augment != ClipParams() else []
-    assert len(plain.index) / 2 < len(draws) == len(set(draws))                           # a draw of its own per clip
-    assert load(shards, "val", mode="eval", **SIFA_K400).config.augment == Augment()      # evaluation: none
+    rows = np.arange(len(plain.index))
+    before, after = plain.plan(0).views_of(rows), augmented.plan(0).views_of(rows)
+    np.testing.assert_array_equal(before.frames, after.frames)
+    np.testing.assert_array_equal(before.roi, after.roi)
+    np.testing.assert_array_equal(before.mirror, after.mirror)
+    assert before.augment is None
+    draws = [draw for draw in after.augment if draw != ClipParams()]
+    assert len(rows) / 2 < len(draws) == len(set(draws))                                   # a draw of its own per clip
+    assert load(shards, "val", mode="eval", **SIFA_K400).pipeline_config.augment == Augment()   # evaluation: none
 
 
 def test_start_batch_resumes_the_epoch_exactly(shards, device):
@@ -336,7 +336,7 @@ def test_a_gop_cut_the_decoder_rejects_is_decoded_whole_and_cutting_stops(shards
     """The GOP cut (pipelines/gops.py) is an optimisation: were a decoder to refuse its streams (NVDEC has
     not been tried on them yet), the epoch must be the one a loader without the cut delivers."""
     whole = batches(load(shards, device=device, cut_gops=False))
-    monkeypatch.setattr(loader_module, "cut", lambda packets, frames: (bytes(512), frames))
+    monkeypatch.setattr(host, "cut", lambda packets, frames: (bytes(512), frames))
     loader = load(shards, device=device)
     with pytest.warns(UserWarning, match="rejected a GOP-cut stream"):
         got = batches(loader)
