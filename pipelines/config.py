@@ -57,7 +57,8 @@ class LoaderConfig:
     device: str = "cpu"                          # "cpu" or "gpu"
     device_id: int = 0
     storage_options: dict | None = field(default=None, hash=False)   # fsspec options (an S3 endpoint, keys)
-    readers: int = 8                             # threads that read, verify and cut
+    readers: int = 8                             # workers that read, verify and cut (`fetch.py`)
+    reader_processes: bool = False               # the readers are processes (else threads of this one)
     num_threads: int | None = None               # DALI threads per pipeline; None: the cores shared out
     num_pipelines: int | None = None             # DALI pipelines; None: 4 on the GPU, one per core (<= 4) on the CPU
     prefetch: int = 2                            # batches queued per pipeline
@@ -124,11 +125,11 @@ def unknown_option(key: str, what: str) -> str:
 
 
 def contract_of(contract: InputContract, changes: dict) -> InputContract:
-    """`contract` with the given fields changed, as a loader's keywords give them: a grid as "2x4", the
-    super layout's grid left to SIFAR's rule when none is given, lists for mean and std."""
+    """`contract` with the given fields changed, as a loader's keywords give them: a grid as "2x4", lists
+    for mean and std; a super layout keeps the contract's grid, or takes SIFAR's rule when it is new."""
     layout = changes.get("layout", contract.layout)
     num_frames = changes.get("num_frames", contract.num_frames)
-    grid = changes.get("grid", contract.grid if "layout" not in changes and "num_frames" not in changes else None)
+    grid = changes.get("grid", contract.grid if layout == contract.layout else None)
     if layout != "super" and grid is not None:
         raise ValueError(f"grid={grid!r} tiles super images; it goes with layout='super', not {layout!r}")
     if layout == "super":

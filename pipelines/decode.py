@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipelines import video_pipeline as vp
-from pipelines.host import HostBatch
+from pipelines.batches import HostBatch
 from pipelines.plan import Views
 from pipelines.source import SampleError
 from pipelines.state import LoaderState

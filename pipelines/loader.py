@@ -40,7 +40,8 @@ import torch
 from pipelines import video_pipeline as vp
 from pipelines.config import LoaderConfig
 from pipelines.decode import Decoder
-from pipelines.host import Cutter, HostBatch, fetch, host_batches
+from pipelines.batches import HostBatch, host_batches
+from pipelines.fetch import Fetcher
 from pipelines.plan import EpochPlan, Views, num_batches
 from pipelines.source import SampleError, ShardIndex, ShardReader, rank_part
 from pipelines.state import LoaderError, LoaderState
@@ -87,6 +88,7 @@ class VideoLoader:
             raise ValueError(f"{len(self.index)} samples split over {c.world_size} ranks make no full batch of "
                              f"{c.batch_size}; lower batch_size or world_size")
         self.reader = ShardReader(self.index, readers=c.readers, verify=c.verify)
+        self.fetcher = Fetcher(self.reader, (shards, c.split, c.storage_options), c.readers, c.reader_processes)
         # GPU: a pipeline's decoder feeds one NVDEC engine and an H100 has 7, so run several. CPU: a pipeline
         # per core up to 4, the cores shared out as DALI threads (on 2 cores, 1 x 2, 2 x 1 and 4 x 1 deliver
         # within 5 % of each other: docs/pipeline_throughput.md).
@@ -136,8 +138,12 @@ class VideoLoader:
     def host_batches(self, epoch: int, start_batch: int = 0) -> Iterator[HostBatch]:
         """The host stages alone (plan, fetch, verify, cut, batches): what DALI is fed, batch by batch."""
         plan = self.plan(epoch)
-        return host_batches(plan, fetch(self.reader, plan, start_batch), start_batch, self.state,
-                            Cutter(self.state, self.index.media))
+        fetched = self.fetcher(plan, start_batch, lambda: self.state.cut_gops)
+        return host_batches(plan, fetched, start_batch, self.state)
+
+    def close(self) -> None:
+        """Stop the reader processes, if any (threads need nothing)."""
+        self.fetcher.close()
 
     # ------------------------------------------------------------ iteration
 

@@ -14,10 +14,9 @@ from pipelines.source import ShardIndex, shuffled
 ROWS = 48     # in 6 shards of 8
 
 
-@pytest.fixture(scope="module")
-def index(tmp_path_factory) -> ShardIndex:
-    """48 videos of 40..87 frames at 340x256 or 256x456, listed in 6 shards that were never written."""
-    folder = tmp_path_factory.mktemp("plan") / "train"
+def index_without_videos(folder) -> str:
+    """A split folder whose index.parquet lists 48 videos of 40..87 frames at 340x256 or 256x456 in 6 shards
+    that were never written."""
     folder.mkdir()
     rows = np.arange(ROWS)
     pq.write_table(pa.table({
@@ -26,7 +25,12 @@ def index(tmp_path_factory) -> ShardIndex:
         "size": np.full(ROWS, 99_000), "ext": ["webm"] * ROWS, "num_frames": 40 + rows, "fps": np.full(ROWS, 30.0),
         "width": np.where(rows % 2, 340, 256), "height": np.where(rows % 2, 256, 456), "codec": ["vp9"] * ROWS,
         "sha256": ["0" * 64] * ROWS}), folder / "index.parquet")
-    return ShardIndex(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory) -> ShardIndex:
+    return ShardIndex(index_without_videos(tmp_path_factory.mktemp("plan") / "train"))
 
 
 def plan(index, epoch=0, **options) -> EpochPlan:
