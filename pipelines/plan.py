@@ -6,6 +6,7 @@ no byte of video is read, so a plan is known before the epoch starts and checked
     plan.batch(k)               # Views: the views of batch k, as arrays
     plan.reads_from(k)          # the rows to read for batches k.. (read order: shard by shard)
     plan.rows_from(k)           # the same rows in the order their views come out
+    plan.row_frames(rows)       # per row, the frames of its views: known before a byte is read
 
 Order (docs/pipelines.md, "Epoch policy"):
   train  shards shuffled by (seed, epoch), rows in shard order, `world_size` contiguous equal parts, cut to
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,15 +135,16 @@ class EpochPlan:
                              f"in epoch {self.epoch}")
         return self.views_at((first[:, None] * self.per_row + np.arange(self.per_row)).reshape(-1))
 
-    def frames_needed(self, rows: np.ndarray):
-        """(row, the frames any of its views decodes, sorted) for each of `rows`: what a reader of byte
-        ranges fetches for that row."""
+    def row_frames(self, rows: np.ndarray) -> Iterator[np.ndarray | None]:
+        """Row by row, the frames of every view of it, (views, T), or None for images: what a reader needs to
+        know of a row before it reads (a reader of GOP ranges reads their union). Drawn 256 rows at a time."""
         for start in range(0, len(rows), 256):
-            chunk = np.asarray(rows[start:start + 256])
-            views = self.views_of(chunk)
-            for i, row in enumerate(chunk.tolist()):
-                yield row, (None if views.frames is None
-                            else np.unique(views.frames[i * self.per_row:(i + 1) * self.per_row]))
+            chunk = rows[start:start + 256]
+            frames = self.views_of(chunk).frames
+            if frames is None:
+                yield from [None] * len(chunk)
+            else:
+                yield from frames.reshape(len(chunk), self.per_row, -1)
 
     def rows_from(self, start_batch: int) -> np.ndarray:
         """Rows whose views batches `start_batch`.. hold, in the order they come out (a row's views all

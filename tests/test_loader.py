@@ -14,6 +14,7 @@ import torchvision
 from fsspec.implementations.local import LocalFileSystem
 from test_video_pipeline import loopback_ray, psnr, pyav_frames, run_shard_job
 
+from benchmarks import host_ceiling
 from pipelines import fetch
 from pipelines import preview
 from pipelines.augment import Augment, ClipParams
@@ -346,6 +347,25 @@ def test_a_gop_cut_the_decoder_rejects_is_decoded_whole_and_cutting_stops(shards
         torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
 
 
+def test_reader_processes_deliver_what_threads_deliver_and_record_the_same_failures(shards, tmp_path):
+    """Resumed at batch 1 of epoch 1, one of the videos it reads damaged: the same batches, the same failure."""
+    plan = load(shards).plan(1)
+    key = index(shards, "train")[int(plan.batch(3).rows[0])]["key"]
+    damaged = damage(shards, tmp_path, key)
+    threads = VideoLoader(damaged, split="train", batch_size=4, **SMALL)
+    processes = VideoLoader(damaged, split="train", batch_size=4, reader_processes=True, **SMALL)
+    got = []
+    for loader in (threads, processes):
+        loader.set_epoch(1, start_batch=1)
+        got.append(batches(loader))
+    processes.close()
+    assert [f["key"] for f in threads.failures] == [f["key"] for f in processes.failures] == [key]
+    assert [b["key"] for b in got[0]] == [b["key"] for b in got[1]] and len(got[0]) == len(threads) - 1
+    for a, b in zip(*got):
+        assert a["valid"].tolist() == b["valid"].tolist()
+        torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- what a bad shard's failure says
 
 def test_a_damaged_tar_names_the_shard_and_the_fix(shards, tmp_path):
@@ -463,6 +483,16 @@ def test_num_frames_beyond_a_videos_length_warns_once_with_the_count(shards, sam
     assert said == ([f"{short} of 8 videos in {shards}/shards split 'val' have fewer than the 31 frames a {sampling} "
                      f"clip of {num_frames} spans, so their clips repeat or wrap frames (loader.short_videos)"]
                     if short else [])
+
+
+# ---------------------------------------------------------------- benchmarks
+
+def test_the_host_ceiling_benchmark_runs_and_writes_its_table(shards, tmp_path):
+    doc = tmp_path / "host_ceiling.md"
+    host_ceiling.main(["--shards", f"{shards}/shards", "--epochs", "1", "--rounds", "1", "--cores", "1",
+                       "--loaders", "threads", "--workloads", "TSN-8", "--no-stages", "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith(host_ceiling.TITLE) and "| TSN-8 | whole | ours | 8 threads | 1 |" in text
 
 
 # ---------------------------------------------------------------- images and preview

@@ -131,11 +131,10 @@ def test_the_authors_protocols_draw_each_view_from_the_rows_own_generator(index)
         assert np.array_equal(views.roi[i], np.float32(window)) and views.mirror[i] == (rng.random() < 0.5)
 
 
-def test_frames_needed_are_every_frame_any_view_of_the_row_decodes(index):
+def test_a_rows_frames_are_known_before_it_is_read_view_by_view(index):
     p = plan(index, mode="eval", num_clips=3, sampling="dense", stride=2)
-    needed = dict(p.frames_needed(np.array([0, 30])))
-    for row in (0, 30):
-        assert np.array_equal(needed[row], np.unique(p.views_of(np.array([row])).frames))
+    for row, frames in zip((0, 30), p.row_frames(np.array([0, 30]))):
+        assert frames.shape == (3, 8) and np.array_equal(frames, p.views_of(np.array([row])).frames)
 
 
 def test_the_shuffle_buffer_keeps_the_order_of_the_streaming_shuffle(index):
