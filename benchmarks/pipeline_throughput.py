@@ -1,17 +1,18 @@
-"""Clips per second of VideoLoader against a PyAV + torch DataLoader baseline, in the same run.
+"""Clips per second and CPU per clip of VideoLoader against PyAV, torchcodec and decord, in the same run.
 
-    python -m benchmarks.pipeline_throughput                  # CPU: both on every host core
-    python -m benchmarks.pipeline_throughput --device gpu     # ours on NVDEC + GPU; baseline still decodes on CPU
-    python -m benchmarks.pipeline_throughput --shards PATH    # existing shard job output instead of the sample set
+    python -m benchmarks.pipeline_throughput                  # CPU: every loader on every host core
+    python -m benchmarks.pipeline_throughput --device gpu     # ours on NVDEC + GPU; the others still decode on CPU
+    python -m benchmarks.pipeline_throughput --shards PATH    # existing shard job output instead of the 300-frame clips
 
 Two workloads, the common ones of the papers: TSN-8 (8 uniform segments, 224 crop out of a 256-320 jittered
-short side, super-image layout) and dense 32x2 (32 frames at stride 2, 224, BCTHW). The baseline is what a
-plain PyTorch project does: a map-style Dataset that reads the video's bytes from the shard, decodes the
-sampled frames with PyAV (seeking to the keyframe before each one when that is shorter than decoding on),
-crops, resizes, flips and normalises with torch, in a DataLoader with one worker per host core. It draws
-its frames, windows and flips with the same `pipelines.sampling` functions, so both produce the same
-tensors up to resampling filters. Without --shards the embedded motion dataset is generated at a realistic
-size (320x256, 25 fps, 4 s) and sharded to VP9 by the real shard job (Ray on 127.0.0.1).
+short side, super-image layout) and dense 32x2 (32 frames at stride 2, 224, BCTHW). The contenders are
+what a plain PyTorch project does: a map-style Dataset that reads the video's bytes from the shard, decodes
+the frames with PyAV (seeking to the keyframe before each one when that is shorter than decoding on),
+torchcodec (`VideoDecoder.get_frames_at`) or decord (`VideoReader.get_batch`), crops, resizes, flips and
+normalises with torch, in a DataLoader with one worker per host core. Each takes its views (frames, window,
+flip) from VideoLoader's own epoch plan, so all of them produce the same tensors up to resampling filters
+(checked at the start: the PSNR of each contender's first batch against VideoLoader's). Without --shards,
+300-frame clips (10 s at 30 fps, 340x256 and 456x256, VP9, GOP 8) are made by benchmarks/clip_shards.py.
 
 Writes docs/pipeline_throughput.md (or --doc) with the device named.
 """
@@ -36,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.clip_shards import clip_shards
 from benchmarks.report import write_section
 from contract.inputs import IMAGENET_MEAN, IMAGENET_STD
 from models.layouts import to_super_image
 from pipelines.loader import VideoLoader
-from pipelines.sampling import frame_indices, scale_jitter_window
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "pipeline_throughput.md"
 WORKLOADS = {
@@ -48,36 +49,12 @@ WORKLOADS = {
     "dense 32x2 (224, BCTHW)": {"sampling": "dense", "num_frames": 32, "stride": 2, "layout": "BCTHW"},
 }
 CROP, SHORT_SIDE = 224, (256, 320)
-TITLE = ("# Pipeline throughput\n\nVideoLoader against a PyAV + torch DataLoader baseline producing the same tensors, "
-         "measured in the same run. Each section is rewritten by a run on its device; see docs/pipelines.md.\n")
+TITLE = ("# Pipeline throughput\n\nVideoLoader against PyAV, torchcodec and decord in a torch DataLoader, each producing "
+         "the same tensors from the same views, measured in the same run. Each section is rewritten by a run on its "
+         "device; see docs/pipelines.md.\n")
 
 
-# ---------------------------------------------------------------- data
-
-def sample_shards(folder: Path, videos_per_class: int) -> str:
-    """The embedded dataset at 320x256 (short side 256), 25 fps, 4 s, sharded to VP9 by the shard job."""
-    output = folder / "shards"
-    if (output / "manifest.json").exists():
-        return str(output)
-    import ray
-
-    from shards.job import JobConfig, run_job, transcode_options
-    from shards.sample_dataset import make_sample_dataset
-
-    print(f"making the sample dataset in {folder} ...", flush=True)
-    source = make_sample_dataset(folder / "source", num_classes=8, train_per_class=videos_per_class,
-                                 val_per_class=0, size=(320, 256), fps=25, seconds=4, broken=False, progress=True)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR")
-    try:
-        run_job(JobConfig(annotations=source["annotations"], videos=source["videos"], output=str(output),
-                          transcode=transcode_options(short_side=256, codec="vp9", gop=8), splits=("train",),
-                          shard_size=64 << 20, workers=os.cpu_count() or 1))
-    finally:
-        ray.shutdown()
-    return str(output)
-
-
-# ---------------------------------------------------------------- the baseline
+# ---------------------------------------------------------------- the contenders
 
 def pyav_decode(data: bytes, indices: np.ndarray, gop: int) -> np.ndarray:
     """Frames at `indices` (T, H, W, 3) uint8: decode forward, seeking when the next frame is a GOP or more ahead."""
@@ -101,13 +78,50 @@ def pyav_decode(data: bytes, indices: np.ndarray, gop: int) -> np.ndarray:
     return np.stack([got[i] for i in indices.tolist()])
 
 
-class PyAVClips(Dataset):
-    """The baseline: one training clip per index row, exactly the choices VideoLoader makes, on the CPU."""
+def torchcodec_decode(data: bytes, indices: np.ndarray, gop: int) -> np.ndarray:
+    """torchcodec's own frame access (it seeks to the keyframe before a frame it has to jump to), one thread."""
+    from torchcodec.decoders import VideoDecoder
 
-    def __init__(self, shards: str, sampling: str, num_frames: int, stride: int, layout: str, seed: int = 0):
-        self.root = Path(shards)
-        self.rows = pq.read_table(self.root / "train" / "index.parquet").to_pylist()
-        self.sampling, self.num_frames, self.stride, self.layout, self.seed = sampling, num_frames, stride, layout, seed
+    decoder = VideoDecoder(data, seek_mode="approximate", num_ffmpeg_threads=1, dimension_order="NHWC")
+    return decoder.get_frames_at(indices.tolist()).data.numpy()
+
+
+def decord_decode(data: bytes, indices: np.ndarray, gop: int) -> np.ndarray:
+    """decord's batch access (it seeks by its keyframe index), one thread."""
+    import decord
+
+    return decord.VideoReader(io.BytesIO(data), num_threads=1).get_batch(indices.tolist()).asnumpy()
+
+
+DECODERS = {"PyAV": pyav_decode, "torchcodec": torchcodec_decode, "decord": decord_decode}
+
+
+def unavailable(name: str, data: bytes) -> str | None:
+    """None if the contender decodes `data` here, else why not (the table says so)."""
+    try:
+        DECODERS[name](data, np.array([0, 3]), 8)
+    except Exception as e:  # noqa: BLE001 - an import or a missing FFmpeg library
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return None
+
+
+class Clips(Dataset):
+    """A contender: view i of VideoLoader's epoch plan (its frames, window and flip) decoded by `decoder`
+    and resized, flipped and normalised with torch, as a plain PyTorch project would."""
+
+    def __init__(self, shards: str, loader: VideoLoader, epoch: int, decoder: str):
+        self.root, self.decoder = Path(shards), decoder
+        plan = loader.plan(epoch)
+        views = [plan.batch(k) for k in range(len(plan))]
+        self.rows = np.concatenate([v.rows for v in views])
+        self.frames = np.concatenate([v.frames for v in views])
+        self.roi = np.concatenate([v.roi for v in views])
+        self.mirror = np.concatenate([v.mirror for v in views])
+        index = loader.index
+        self.where = [(index["shard"][r], int(index["offset"][r]), int(index["size"][r])) for r in range(len(index))]
+        self.labels = index["label"]
+        self.gop = pq.read_table(self.root / "train" / "index.parquet", columns=["gop"]).column("gop").to_pylist()
+        self.layout, self.num_frames = loader.config.contract.layout, loader.config.contract.num_frames
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
@@ -115,22 +129,21 @@ class PyAVClips(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        row = self.rows[i]
-        with open(self.root / row["shard"], "rb") as f:
-            f.seek(row["offset"])
-            data = f.read(row["size"])
-        rng = np.random.default_rng([self.seed, i])
-        indices = frame_indices(self.sampling, row["num_frames"], self.num_frames, self.stride, rng=rng)
-        y0, x0, y1, x1 = scale_jitter_window(row["height"], row["width"], CROP, SHORT_SIDE, rng)
-        frames = torch.from_numpy(pyav_decode(data, indices, row["gop"]))
+        row = int(self.rows[i])
+        shard, offset, size = self.where[row]
+        with open(self.root / shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        frames = torch.from_numpy(DECODERS[self.decoder](data, self.frames[i], self.gop[row]))
+        y0, x0, y1, x1 = self.roi[i].tolist()
         region = frames[:, int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))].permute(0, 3, 1, 2).float()
         clip = F.interpolate(region, size=(CROP, CROP), mode="bilinear", antialias=True, align_corners=False)
-        if rng.random() < 0.5:
+        if self.mirror[i]:
             clip = clip.flip(-1)
         clip = (clip - self.mean) / self.std                                # T, C, H, W
         if self.layout == "super":
-            return to_super_image(clip[None])[0], row["label"]
-        return clip.transpose(0, 1).contiguous(), row["label"]
+            return to_super_image(clip[None])[0], int(self.labels[row])
+        return clip.transpose(0, 1).contiguous(), int(self.labels[row])
 
 
 def _one_thread(_):
@@ -225,15 +238,16 @@ def compare(loaders: dict, batch_size: int, args) -> dict[str, tuple[float, floa
     return {name: tuple(np.median(r, axis=0)) for name, r in results.items()}
 
 
-def one_core(shards: str, workload: dict, batch_size: int, rounds: int) -> dict[str, float]:
-    """CPU ms per clip with one core's worth of work each: VideoLoader with one single-threaded pipeline,
-    and the baseline's Dataset + collate in this process. Measured in turns; the median is reported."""
+def one_core(shards: str, workload: dict, batch_size: int, rounds: int, contenders: list[str]) -> dict[str, float]:
+    """CPU ms per clip with one core's worth of work each: VideoLoader with one single-threaded pipeline
+    (with and without the GOP cut), each contender's Dataset + collate in this process, on the same views.
+    Measured in turns; the median is reported."""
     torch.set_num_threads(1)
-    dataset = PyAVClips(shards, workload["sampling"], workload["num_frames"], workload["stride"], workload["layout"])
     loaders = {cut: VideoLoader(shards, split="train", batch_size=batch_size, crop_size=CROP, short_side=SHORT_SIDE,
                                 num_pipelines=1, num_threads=1, readers=1, prefetch=1, cut_gops=cut, **workload)
                for cut in (True, False)}
-    costs = {"ours": [], "whole": [], "baseline": []}
+    datasets = {name: Clips(shards, loaders[True], 0, name) for name in contenders}
+    costs = {"ours": [], "whole": [], **{name: [] for name in contenders}}
     for r in range(rounds):
         for cut, loader in loaders.items():
             loader.set_epoch(r)
@@ -243,11 +257,12 @@ def one_core(shards: str, workload: dict, batch_size: int, rounds: int) -> dict[
             for batch in batches:
                 clips += len(batch["key"])
             costs["ours" if cut else "whole"].append(1000 * (time.process_time() - start) / clips)
-        start = time.process_time()
-        for i in range(4):
-            torch.utils.data.default_collate([dataset[((r * 4 + i) * batch_size + j) % len(dataset)]
-                                             for j in range(batch_size)])
-        costs["baseline"].append(1000 * (time.process_time() - start) / (4 * batch_size))
+        for name, dataset in datasets.items():
+            start = time.process_time()
+            for i in range(2):
+                torch.utils.data.default_collate([dataset[((r * 2 + i) * batch_size + j) % len(dataset)]
+                                                 for j in range(batch_size)])
+            costs[name].append(1000 * (time.process_time() - start) / (2 * batch_size))
     torch.set_num_threads(os.cpu_count() or 1)
     return {name: float(np.median(c)) for name, c in costs.items()}
 
@@ -263,17 +278,33 @@ def ours(shards: str, workload: dict, batch_size: int, device: str, num_pipeline
     return endless(loader, epoch)
 
 
-def baseline(shards: str, workload: dict, batch_size: int, device: str):
+def contender(shards: str, workload: dict, batch_size: int, device: str, decoder: str):
+    """A DataLoader over the contender's Dataset, one worker per host core, VideoLoader's epoch-0 views."""
     workers = os.cpu_count() or 1
-    dataset = PyAVClips(shards, workload["sampling"], workload["num_frames"], workload["stride"], workload["layout"])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                        worker_init_fn=_one_thread, persistent_workers=True, prefetch_factor=2,
-                        pin_memory=device == "gpu")
+    plan_of = VideoLoader(shards, split="train", batch_size=batch_size, crop_size=CROP, short_side=SHORT_SIDE,
+                          **workload)
+    loader = DataLoader(Clips(shards, plan_of, 0, decoder), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, drop_last=True, worker_init_fn=_one_thread, persistent_workers=True,
+                        prefetch_factor=2, pin_memory=device == "gpu")
     target = "cuda" if device == "gpu" else "cpu"
 
     def epoch(loader, e):
         return ((v.to(target, non_blocking=True), y) for v, y in loader)
     return endless(loader, epoch)
+
+
+def same_tensors(shards: str, workload: dict, batch_size: int, contenders: list[str]) -> dict[str, float]:
+    """PSNR (dB, over the normalised range) of each contender's first batch against VideoLoader's."""
+    loader = VideoLoader(shards, split="train", batch_size=batch_size, crop_size=CROP, short_side=SHORT_SIDE,
+                         num_pipelines=1, **workload)
+    loader.set_epoch(0)
+    ours_video = next(iter(loader))["video"].float().cpu()
+    out = {}
+    for name in contenders:
+        theirs = torch.utils.data.default_collate([Clips(shards, loader, 0, name)[j] for j in range(batch_size)])[0]
+        peak = float(ours_video.max() - ours_video.min())
+        out[name] = float(10 * np.log10(peak ** 2 / F.mse_loss(theirs, ours_video).item()))
+    return out
 
 
 def device_name(device: str) -> str:
@@ -298,27 +329,33 @@ def sweep(shards: str, workload: dict, args) -> Iterator[str]:
         yield f"| {count} | {rate:.1f} |" + (f" {monitor.summary()} |" if monitor else "")
 
 
-def section(a, rows: list[dict], every_core: list[str], one: list[str], swept: list[str], load: tuple) -> str:
+def section(a, rows: list[dict], every_core: list[str], one: list[str], swept: list[str], load: tuple,
+            missing: dict[str, str], psnr: list[str]) -> str:
     """This device's section of the doc, from what has been measured so far."""
     gpu = a.device == "gpu"
     sizes = sorted({(r["width"], r["height"]) for r in rows})
-    size = f"{sizes[0][0]}x{sizes[0][1]}" + (f" .. {sizes[-1][0]}x{sizes[-1][1]}" if len(sizes) > 1 else "")
+    size = ", ".join(f"{w}x{h}" for w, h in sizes)
+    names = list(DECODERS)
     lines = [
         f"## {'GPU' if gpu else 'CPU'} run: `python -m benchmarks.pipeline_throughput"
         + (" --device gpu" if gpu else "") + "`",
         "",
-        "The loaders run in one process, in turns, on the same shards.",
+        "The loaders run in one process, in turns, on the same shards and the same views.",
         "",
         f"- device: {device_name(a.device)}",
         f"- data: {len(rows)} VP9 videos, {size}, {np.mean([r['num_frames'] for r in rows]):.0f} frames at "
-        f"{rows[0]['fps']:g} fps, GOP {rows[0]['gop']} (the embedded motion dataset sharded by the shard job)",
+        f"{rows[0]['fps']:g} fps, GOP {rows[0]['gop']}, {np.mean([r['size'] for r in rows]) / 1e6:.2f} MB each "
+        f"(benchmarks/clip_shards.py, sharded by the shard job)",
         f"- training views: crop {CROP} from a short side jittered in {list(SHORT_SIDE)}, random flip, ImageNet "
-        f"normalisation; batch {a.batch_size}",
+        f"normalisation; batch {a.batch_size}; every contender decodes VideoLoader's own views",
         f"- VideoLoader: device={a.device}, DALI `fn.decoders.video` "
-        f"({'mixed, NVDEC' if gpu else 'cpu, libavcodec'}), {a.num_pipelines or 'default'} pipelines; baseline: "
-        f"PyAV decode (seeking to keyframes) + torch resize/crop/flip/normalise in a DataLoader with "
-        f"{os.cpu_count()} workers",
+        f"({'mixed, NVDEC' if gpu else 'cpu, libavcodec'}), {a.num_pipelines or 'default'} pipelines; contenders: "
+        f"PyAV {av.__version__}, {_version('torchcodec')}, {_version('decord')}, each with torch resize/crop/flip/"
+        f"normalise in a DataLoader with {os.cpu_count()} workers",
         f"- load average (1 min) at the start and end: {load[0]:.1f}, {load[1]:.1f} on {os.cpu_count()} cores",
+        *[f"- {name}: not available here ({why})" for name, why in missing.items()],
+        *([f"- same tensors: PSNR of each contender's first batch against VideoLoader's: {'; '.join(psnr)} "
+           f"(the resampling filters differ)"] if psnr else []),
         "",
         "### Every host core",
         "",
@@ -327,20 +364,21 @@ def section(a, rows: list[dict], every_core: list[str], one: list[str], swept: l
         "process tree (all threads and the DataLoader's workers) per clip delivered. Other jobs share this "
         "machine, so clips/s depends on them.",
         "",
-        "| workload | VideoLoader | PyAV + DataLoader | VideoLoader / PyAV |" + (" GPU during VideoLoader |" if gpu else ""),
-        "|---|---|---|---|" + ("---|" if gpu else ""),
+        "| workload | VideoLoader | " + " | ".join(names) + " |" + (" GPU during VideoLoader |" if gpu else ""),
+        "|---|---|" + "---|" * len(names) + ("---|" if gpu else ""),
         *every_core,
         "",
     ]
     if one:
         lines += ["### One core each", "",
-                  "CPU ms per clip with one core's worth of work: VideoLoader with one single-threaded pipeline, the "
-                  "baseline's Dataset and collate in one process. This cost hardly depends on what else runs on the "
-                  "machine; on a dedicated machine the all-core throughputs follow it. \"Whole videos to DALI\" is "
-                  "VideoLoader with `cut_gops=False`: DALI then decodes every frame up to the last one a view needs "
-                  "(it does not seek in in-memory videos; see pipelines/gops.py).", "",
-                  "| workload | VideoLoader | VideoLoader, whole videos to DALI | PyAV + torch | PyAV / VideoLoader |",
-                  "|---|---|---|---|---|", *one, ""]
+                  "CPU ms per clip with one core's worth of work: VideoLoader with one single-threaded pipeline, each "
+                  "contender's Dataset and collate in one process, on the same views. This cost hardly depends on what "
+                  "else runs on the machine; on a dedicated machine the all-core throughputs follow it. \"Whole "
+                  "videos\" is VideoLoader with `cut_gops=False`: DALI then decodes every frame up to the last one a "
+                  "view needs (it does not seek in in-memory videos; see pipelines/gops.py). The last column is the "
+                  "best contender's cost over ours.", "",
+                  "| workload | VideoLoader | VideoLoader, whole videos | " + " | ".join(names) + " | best / ours |",
+                  "|---|---|---|" + "---|" * len(names) + "---|", *one, ""]
     if swept:
         lines += ["### Pipelines", "",
                   f"VideoLoader alone on {next(iter(WORKLOADS))} by `num_pipelines` (median of {a.rounds} windows of "
@@ -350,48 +388,68 @@ def section(a, rows: list[dict], every_core: list[str], one: list[str], swept: l
     return "\n".join(lines)
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"{package} {version(package)}"
+    except PackageNotFoundError:
+        return f"{package} (not installed)"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_throughput", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--shards", default=None, help="shard job output root (split 'train' is read)")
-    p.add_argument("--data", default="/tmp/vidscale-bench", help="where the sample dataset and its shards go")
-    p.add_argument("--videos-per-class", type=int, default=8)
+    p.add_argument("--data", default="/tmp/vidscale-bench300", help="where the 300-frame clips and their shards go")
+    p.add_argument("--videos", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=8,
-                   help="batches dropped at the start of each window: more than either loader prefetches")
-    p.add_argument("--batches", type=int, default=10, help="batches timed per window")
-    p.add_argument("--rounds", type=int, default=5, help="alternating windows per loader (the median is reported)")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="batches dropped at the start of each window: more than any loader prefetches")
+    p.add_argument("--batches", type=int, default=6, help="batches timed per window")
+    p.add_argument("--rounds", type=int, default=3, help="alternating windows per loader (the median is reported)")
     p.add_argument("--num-pipelines", type=int, default=None, help="DALI pipelines (NVDEC engines used); default: VideoLoader's")
     p.add_argument("--sweep-pipelines", type=int, nargs="*", default=[], metavar="N",
                    help="also measure VideoLoader alone on TSN-8 with each of these numbers of pipelines")
     p.add_argument("--doc", default=str(DOC))
     a = p.parse_args(argv)
-    shards = a.shards or sample_shards(Path(a.data), a.videos_per_class)
+    shards = a.shards or clip_shards(a.data, a.videos)
     rows = pq.read_table(Path(shards) / "train" / "index.parquet").to_pylist()
+    first = rows[0]
+    with open(Path(shards) / first["shard"], "rb") as f:
+        f.seek(first["offset"])
+        sample = f.read(first["size"])
+    missing = {name: why for name in DECODERS if (why := unavailable(name, sample)) is not None}
+    contenders = [name for name in DECODERS if name not in missing]
     load_before = os.getloadavg()[0]
-    every_core, one, swept = [], [], []
+    every_core, one, swept, psnr = [], [], [], []
 
     def write():   # after every row, so a run stopped by a time limit keeps what it measured
-        block = section(a, rows, every_core, one, swept, (load_before, os.getloadavg()[0]))
+        block = section(a, rows, every_core, one, swept, (load_before, os.getloadavg()[0]), missing, psnr)
         write_section(a.doc, TITLE, a.device, block)
 
     for name, workload in WORKLOADS.items():
+        got = same_tensors(shards, workload, a.batch_size, contenders)
+        psnr.append(f"{name.split(' (')[0]}: " + ", ".join(f"{c} {db:.0f} dB" for c, db in got.items()))
+    for name, workload in WORKLOADS.items():
         loaders = {"ours": ours(shards, workload, a.batch_size, a.device, a.num_pipelines),
-                   "baseline": baseline(shards, workload, a.batch_size, a.device)}
+                   **{c: contender(shards, workload, a.batch_size, a.device, c) for c in contenders}}
         with monitoring(a.device) as monitor:
             got = compare(loaders, a.batch_size, a)
         for batches in loaders.values():
             batches.close()                                 # frees the pipelines, the workers and their memory
-        cells = " | ".join(f"{rate:.1f} clips/s, {cpu:.0f} CPU ms/clip" for rate, cpu in got.values())
+        cells = [f"{got[c][0]:.1f} clips/s, {got[c][1]:.0f} CPU ms/clip" if c in got else "not available"
+                 for c in ["ours", *DECODERS]]
         gpu = f" {monitor.summary()} |" if monitor else ""
-        every_core.append(f"| {name} | {cells} | {got['ours'][0] / got['baseline'][0]:.2f}x |{gpu}")
+        every_core.append(f"| {name} | {' | '.join(cells)} |{gpu}")
         print(every_core[-1], flush=True)
         write()
     if a.device == "cpu":
         for name, workload in WORKLOADS.items():
-            cost = one_core(shards, workload, a.batch_size, a.rounds + 1)
-            one.append(f"| {name} | {cost['ours']:.0f} ms | {cost['whole']:.0f} ms | {cost['baseline']:.0f} ms "
-                       f"| {cost['baseline'] / cost['ours']:.2f}x |")
+            cost = one_core(shards, workload, a.batch_size, a.rounds + 1, contenders)
+            cells = [f"{cost[c]:.0f} ms" if c in cost else "not available" for c in DECODERS]
+            best = min(cost[c] for c in contenders) if contenders else float("nan")
+            one.append(f"| {name} | {cost['ours']:.0f} ms | {cost['whole']:.0f} ms | {' | '.join(cells)} "
+                       f"| {best / cost['ours']:.2f}x |")
             print(one[-1], flush=True)
             write()
     for row in sweep(shards, next(iter(WORKLOADS.values())), a):

@@ -29,11 +29,12 @@ def to_image(x: torch.Tensor, mean, std) -> np.ndarray:
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def draw(shards: str, out: str, samples: int = 4, **options) -> None:
+def draw(shards: str, out: str, samples: int = 4, grid: str | None = None, **options) -> None:
     clips = VideoLoader(shards, batch_size=samples, layout="BTCHW", **options)
-    tiled = VideoLoader(shards, batch_size=samples, layout="super", **options)
+    tiled = VideoLoader(shards, batch_size=samples, layout="super", grid=grid, **options)
     batch, supers = next(iter(clips)), next(iter(tiled))["video"]
-    mean, std = clips.config.mean, clips.config.std
+    c = clips.config
+    mean, std = c.contract.mean, c.contract.std
     names = clips.index["label_name"]
     t = batch["video"].shape[1]
     cols = math.ceil(t / 2)                      # frames in two rows, the super image beside them
@@ -50,8 +51,8 @@ def draw(shards: str, out: str, samples: int = 4, **options) -> None:
         ax.set_title(f"{batch['key'][i]} ({names[int(batch['video_index'][i])]})\nclip {int(batch['clip'][i])}, "
                      f"crop {int(batch['crop'][i])}: super image", fontsize=7)
         ax.axis("off")
-    fig.suptitle(f"{shards} ({options.get('split') or 'split folder'}, {clips.mode}, {clips.sampling} sampling, "
-                 f"{t} frames, {clips.crop_size}px)", fontsize=9)
+    fig.suptitle(f"{shards} ({options.get('split') or 'split folder'}, {c.mode}, {c.sampling} sampling, "
+                 f"{t} frames, {c.contract.crop_size}px)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

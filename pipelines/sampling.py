@@ -36,6 +36,12 @@ def uniform_indices(num_video_frames: int, num_frames: int, clip: int = 0, num_c
     """
     n, t = _check_counts(num_video_frames, num_frames)
     offsets = rng.random(t) if rng is not None else np.full(t, (clip + 0.5) / num_clips)
+    return uniform_frames(n, t, offsets)
+
+
+def uniform_frames(n, t: int, offsets) -> np.ndarray:
+    """Frame `floor(n / t * (i + offset_i))` of each segment i, broadcast over videos: `n` (V, 1) frame
+    counts and `offsets` (V, t) in [0, 1) give (V, t) frames; plain numbers give one clip."""
     return np.minimum(np.floor(n / t * (np.arange(t) + offsets)).astype(np.int64), n - 1)
 
 
@@ -52,10 +58,20 @@ def dense_indices(num_video_frames: int, num_frames: int, stride: int, clip: int
     slack = max(n - t * stride, 0)  # possible starts are 0..slack
     if rng is not None:
         start = int(rng.integers(0, slack + 1))
-    elif num_clips == 1:
-        start = slack // 2
     else:
-        start = int(np.floor(slack * clip / (num_clips - 1)))
+        start = dense_eval_start(slack, clip, num_clips)
+    return dense_frames(n, t, stride, start)
+
+
+def dense_eval_start(slack, clip: int, num_clips: int):
+    """Where evaluation clip `clip` of `num_clips` starts, for starts 0..slack (arrays broadcast)."""
+    if num_clips == 1:
+        return slack // 2
+    return np.floor(slack * clip / (num_clips - 1)).astype(np.int64)
+
+
+def dense_frames(n, t: int, stride: int, start) -> np.ndarray:
+    """`t` frames `stride` apart from `start`, wrapping at `n`; `n` and `start` (V, 1) give (V, t)."""
     return (start + stride * np.arange(t)) % n
 
 
@@ -136,9 +152,14 @@ def eval_window(height: int, width: int, crop_size: int, short_side: int, crop: 
     protocols.check(protocol, num_crops=num_crops)
     if protocol != "default":
         return protocols.eval_crop(protocol, height, width, crop_size, short_side, crop, num_crops, media)
-    scale = short_side / min(height, width)
-    anchor = 0.5 if num_crops == 1 else (0.0, 0.5, 1.0)[crop]
-    return _square_at(height, width, crop_size / scale, anchor, anchor)
+    scale = short_side / np.minimum(height, width)
+    anchor = crop_anchor(crop, num_crops)
+    return square_at(height, width, crop_size / scale, anchor, anchor)
+
+
+def crop_anchor(crop, num_crops: int):
+    """Where evaluation crop `crop` sits along both sides: the centre, or the first, middle and last square."""
+    return 0.5 if num_crops == 1 else np.array([0.0, 0.5, 1.0])[crop]
 
 
 def scale_jitter_window(height: int, width: int, crop_size: int, short_side: tuple[int, int],
@@ -151,8 +172,14 @@ def scale_jitter_window(height: int, width: int, crop_size: int, short_side: tup
     protocols.check(protocol, train_crop="scale_jitter")
     if protocol != "default":
         return protocols.scale_jitter(protocol, height, width, crop_size, short_side, rng)
-    scale = int(rng.integers(lo, hi + 1)) / min(height, width)
-    return _square_at(height, width, crop_size / scale, rng.random(), rng.random())
+    return scale_jitter_at(height, width, crop_size, int(rng.integers(lo, hi + 1)), rng.random(), rng.random())
+
+
+def scale_jitter_at(height, width, crop_size: int, short, fy, fx) -> Window:
+    """The `crop_size` square of the frame resized to short side `short`, its room split fy : 1 - fy and
+    fx : 1 - fx (numbers, or arrays of one value per view)."""
+    scale = short / np.minimum(height, width)
+    return square_at(height, width, crop_size / scale, fy, fx)
 
 
 def tsn_multiscale_window(height: int, width: int, rng: np.random.Generator, scales=TSN_SCALES,
@@ -166,14 +193,27 @@ def tsn_multiscale_window(height: int, width: int, rng: np.random.Generator, sca
         if crop_size is None:
             raise ValueError(f"protocol {protocol!r} snaps crop sides to the crop size; pass crop_size")
         return protocols.ibm_multiscale(height, width, crop_size, rng, scales, max_distort)
-    base = min(height, width)
-    sizes = [base * s for s in scales]
-    pairs = [(h, w) for i, h in enumerate(sizes) for j, w in enumerate(sizes) if abs(i - j) <= max_distort]
-    crop_h, crop_w = pairs[int(rng.integers(len(pairs)))]
-    quarters = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2),          # corners and centre
-                (2, 0), (2, 4), (4, 2), (0, 2),                  # edge centres
-                (1, 1), (1, 3), (3, 1), (3, 3)]                  # quarter points
-    qy, qx = quarters[int(rng.integers(len(quarters)))]
+    pair = int(rng.integers(len(tsn_pairs(scales, max_distort))))
+    return tsn_multiscale_at(height, width, pair, int(rng.integers(len(TSN_QUARTERS))), scales, max_distort)
+
+
+TSN_QUARTERS = np.array([(0, 0), (0, 4), (4, 0), (4, 4), (2, 2),    # corners and centre
+                         (2, 0), (2, 4), (4, 2), (0, 2),            # edge centres
+                         (1, 1), (1, 3), (3, 1), (3, 3)])           # quarter points
+
+
+def tsn_pairs(scales, max_distort: int) -> np.ndarray:
+    """(height, width) scale pairs of TSN's crops: aspect distorted by at most `max_distort` steps."""
+    return np.array([(a, b) for i, a in enumerate(scales) for j, b in enumerate(scales) if abs(i - j) <= max_distort])
+
+
+def tsn_multiscale_at(height, width, pair, quarter, scales=TSN_SCALES, max_distort: int = 1) -> Window:
+    """TSN crop number `pair` of `tsn_pairs` at position number `quarter` of TSN_QUARTERS (numbers, or
+    arrays of one value per view)."""
+    base = np.minimum(height, width)
+    pairs = tsn_pairs(scales, max_distort)
+    crop_h, crop_w = base * pairs[pair, 0], base * pairs[pair, 1]
+    qy, qx = TSN_QUARTERS[quarter, 0], TSN_QUARTERS[quarter, 1]
     y0, x0 = (height - crop_h) * qy / 4, (width - crop_w) * qx / 4
     return y0, x0, y0 + crop_h, x0 + crop_w
 
@@ -185,25 +225,34 @@ def random_resized_crop_window(height: int, width: int, rng: np.random.Generator
     protocols.check(protocol, train_crop="random_resized_crop")
     if protocol != "default":
         return protocols.random_resized_crop(protocol, height, width, rng, ratio, attempts)
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(attempts):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = math.sqrt(target * aspect), math.sqrt(target / aspect)
-        if 0 < w <= width and 0 < h <= height:
-            y0, x0 = rng.uniform(0, height - h), rng.uniform(0, width - w)
-            return y0, x0, y0 + h, x0 + w
-    h, w = height, width
-    if width / height > ratio[1]:
-        w = height * ratio[1]
-    elif width / height < ratio[0]:
-        h = width / ratio[0]
-    return (height - h) / 2, (width - w) / 2, (height + h) / 2, (width + w) / 2
+    return tuple(float(v) for v in random_resized_crop_at(height, width, rng.random((attempts, 4)), scale, ratio))
 
 
-def _square_at(height: int, width: int, side: float, fy: float, fx: float) -> Window:
-    """A `side` square whose free room is split fy : 1 - fy vertically and fx : 1 - fx horizontally."""
-    side = min(side, height, width)
+def random_resized_crop_at(height, width, draws: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Window:
+    """The Inception crop from uniform draws (..., attempts, 4): per attempt an area fraction, a log aspect
+    ratio and the position; the first attempt that fits wins, else the centre crop clamped to `ratio`.
+    `height` and `width` are numbers, or arrays of one value per view (draws then (views, attempts, 4))."""
+    height, width = np.asarray(height, np.float64)[..., None], np.asarray(width, np.float64)[..., None]
+    target = height * width * (scale[0] + draws[..., 0] * (scale[1] - scale[0]))
+    aspect = np.exp(math.log(ratio[0]) + draws[..., 1] * (math.log(ratio[1]) - math.log(ratio[0])))
+    w, h = np.sqrt(target * aspect), np.sqrt(target / aspect)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = np.argmax(fits, axis=-1)[..., None]
+    w, h = np.take_along_axis(w, first, -1)[..., 0], np.take_along_axis(h, first, -1)[..., 0]
+    fy, fx = (np.take_along_axis(draws[..., k], first, -1)[..., 0] for k in (2, 3))
+    height, width = height[..., 0], width[..., 0]
+    fallback_w = np.where(width / height > ratio[1], height * ratio[1], width)
+    fallback_h = np.where(width / height < ratio[0], width / ratio[0], height)
+    found = fits.any(axis=-1)
+    h, w = np.where(found, h, fallback_h), np.where(found, w, fallback_w)
+    y0 = np.where(found, fy * (height - h), (height - h) / 2)
+    x0 = np.where(found, fx * (width - w), (width - w) / 2)
+    return y0, x0, y0 + h, x0 + w
+
+
+def square_at(height, width, side, fy, fx) -> Window:
+    """A `side` square whose free room is split fy : 1 - fy vertically and fx : 1 - fx horizontally
+    (numbers, or arrays of one value per view)."""
+    side = np.minimum(np.minimum(side, height), width)
     y0, x0 = (height - side) * fy, (width - side) * fx
     return y0, x0, y0 + side, x0 + side

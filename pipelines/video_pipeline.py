@@ -128,15 +128,16 @@ def build(config: PipelineConfig, device: str, batch_size: int, num_threads: int
     return pipe
 
 
-def feed(pipe: Pipeline, config: PipelineConfig, encoded: list[np.ndarray], frames: list[np.ndarray] | None,
-         roi: list[np.ndarray], mirror: list[bool], augment: list[ClipParams] | None = None) -> None:
-    """Queue one batch of inputs (lists, one entry per sample) for the next `pipe.run()`; `augment` is
-    needed when the config enables augmentations."""
+def feed(pipe: Pipeline, config: PipelineConfig, encoded: list[np.ndarray], frames, roi, mirror,
+         augment: list[ClipParams] | None = None) -> None:
+    """Queue one batch of inputs for the next `pipe.run()`: `encoded` a list of byte arrays, the others
+    one entry per sample (arrays with a row per sample, or lists); `augment` is needed when the config
+    enables augmentations. Arrays go to DALI as one tensor each, not a tensor per sample."""
     pipe.feed_input("encoded", encoded)
     if config.media == "video":
-        pipe.feed_input("frames", [np.asarray(f, np.int32) for f in frames])
-    pipe.feed_input("roi", [np.asarray(r, np.float32) for r in roi])
-    pipe.feed_input("mirror", [np.array(int(m), np.int32) for m in mirror])
+        pipe.feed_input("frames", np.ascontiguousarray(frames, np.int32))
+    pipe.feed_input("roi", np.ascontiguousarray(roi, np.float32))
+    pipe.feed_input("mirror", np.ascontiguousarray(mirror, np.int32))
     if config.augment.enabled:
         if augment is None:
             raise ValueError("the graph applies augmentations: feed each sample's drawn ClipParams (augment=)")

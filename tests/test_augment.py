@@ -14,7 +14,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from pipelines.augment import RA_KINDS, SIFA_RAND_AUGMENT, Augment, ClipParams, rand_augment_level
-from pipelines.loader import VideoLoader
+from pipelines.config import OPTIONS
 from pipelines.video_pipeline import PipelineConfig, build, feed
 from shards.sample_dataset import encode_video, motion_clip
 from train.config import load_config
@@ -179,7 +179,7 @@ def test_augmentation_options_that_cannot_work_are_refused_naming_the_option(opt
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
 def test_every_recipe_asks_for_augmentations_the_loader_knows(recipe):
     options = load_config(REPO / "configs" / f"{recipe}.yaml")["data"]["options"]
-    assert set(options) <= set(inspect.signature(VideoLoader).parameters)
+    assert set(options) <= set(OPTIONS)
     asked = Augment.of(**{k: v for k, v in options.items() if k in inspect.signature(Augment.of).parameters})
     if recipe == "sifa_r50_k400":      # train_val_3d.py's Kinetics transform
         assert asked == Augment((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, (0.1, 2.0))

@@ -15,7 +15,8 @@ import torchvision
 from fsspec.implementations.local import LocalFileSystem
 from test_video_pipeline import loopback_ray, psnr, pyav_frames, run_shard_job
 
-from pipelines import loader as loader_module
+from benchmarks import host_ceiling
+from pipelines import fetch
 from pipelines import preview
 from pipelines.augment import Augment, ClipParams
 from pipelines.loader import LoaderError, VideoLoader
@@ -170,17 +171,17 @@ def test_a_seed_fixes_the_augmented_batch_and_augmenting_leaves_frames_window_an
     first, second = next(iter(augmented)), next(iter(again))
     assert first["key"] == second["key"]
     torch.testing.assert_close(first["video"], second["video"], rtol=0, atol=0)
-    # The augmentations are drawn after the view's frames, window and flip: those stay what they were.
+    # The augmentations are drawn apart from the view's frames, window and flip: those stay what they were.
     plain = load(shards, seed=3)
-    unread = SampleError("read", "not read: the views come from the index alone")
-    draws = []
-    for row in range(len(plain.index)):
-        (before,), (after,) = plain._views(row, unread, 0), augmented._views(row, unread, 0)
-        assert before.roi == after.roi and before.mirror == after.mirror and before.augment == ClipParams()
-        np.testing.assert_array_equal(before.frames, after.frames)
-        draws += [after.augment] if after.augment != ClipParams() else []
-    assert len(plain.index) / 2 < len(draws) == len(set(draws))                           # a draw of its own per clip
-    assert load(shards, "val", mode="eval", **SIFA_K400).config.augment == Augment()      # evaluation: none
+    rows = np.arange(len(plain.index))
+    before, after = plain.plan(0).views_of(rows), augmented.plan(0).views_of(rows)
+    np.testing.assert_array_equal(before.frames, after.frames)
+    np.testing.assert_array_equal(before.roi, after.roi)
+    np.testing.assert_array_equal(before.mirror, after.mirror)
+    assert before.augment is None
+    draws = [draw for draw in after.augment if draw != ClipParams()]
+    assert len(rows) / 2 < len(draws) == len(set(draws))                                   # a draw of its own per clip
+    assert load(shards, "val", mode="eval", **SIFA_K400).pipeline_config.augment == Augment()   # evaluation: none
 
 
 def test_start_batch_resumes_the_epoch_exactly(shards, device):
@@ -350,13 +351,32 @@ def test_a_gop_cut_the_decoder_rejects_is_decoded_whole_and_cutting_stops(shards
     """The GOP cut (pipelines/gops.py) is an optimisation: were a decoder to refuse its streams (NVDEC has
     not been tried on them yet), the epoch must be the one a loader without the cut delivers."""
     whole = batches(load(shards, device=device, cut_gops=False))
-    monkeypatch.setattr(loader_module, "cut", lambda packets, frames: (bytes(512), frames))
+    monkeypatch.setattr(fetch, "cut", lambda packets, frames: (bytes(512), frames))
     loader = load(shards, device=device)
     with pytest.warns(UserWarning, match="rejected a GOP-cut stream"):
         got = batches(loader)
     assert loader.failures == [] and loader.cut_gops is False
     assert [a["key"] for a in whole] == [b["key"] for b in got]
     for a, b in zip(whole, got):
+        torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
+
+
+def test_reader_processes_deliver_what_threads_deliver_and_record_the_same_failures(shards, tmp_path):
+    """Resumed at batch 1 of epoch 1, one of the videos it reads damaged: the same batches, the same failure."""
+    plan = load(shards).plan(1)
+    key = index(shards, "train")[int(plan.batch(3).rows[0])]["key"]
+    damaged = damage(shards, tmp_path, key)
+    threads = VideoLoader(damaged, split="train", batch_size=4, **SMALL)
+    processes = VideoLoader(damaged, split="train", batch_size=4, reader_processes=True, **SMALL)
+    got = []
+    for loader in (threads, processes):
+        loader.set_epoch(1, start_batch=1)
+        got.append(batches(loader))
+    processes.close()
+    assert [f["key"] for f in threads.failures] == [f["key"] for f in processes.failures] == [key]
+    assert [b["key"] for b in got[0]] == [b["key"] for b in got[1]] and len(got[0]) == len(threads) - 1
+    for a, b in zip(*got):
+        assert a["valid"].tolist() == b["valid"].tolist()
         torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
 
 
@@ -477,6 +497,16 @@ def test_num_frames_beyond_a_videos_length_warns_once_with_the_count(shards, sam
     assert said == ([f"{short} of 8 videos in {shards}/shards split 'val' have fewer than the 31 frames a {sampling} "
                      f"clip of {num_frames} spans, so their clips repeat or wrap frames (loader.short_videos)"]
                     if short else [])
+
+
+# ---------------------------------------------------------------- benchmarks
+
+def test_the_host_ceiling_benchmark_runs_and_writes_its_table(shards, tmp_path):
+    doc = tmp_path / "host_ceiling.md"
+    host_ceiling.main(["--shards", f"{shards}/shards", "--epochs", "1", "--rounds", "1", "--cores", "1",
+                       "--loaders", "threads", "--workloads", "TSN-8", "--no-stages", "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith(host_ceiling.TITLE) and "| TSN-8 | whole | ours | 8 threads | 1 |" in text
 
 
 # ---------------------------------------------------------------- images and preview

@@ -1,6 +1,6 @@
 """Test helpers for train/: an in-memory loader with VideoLoader's interface and tiny registered models.
 
-`SyntheticLoader` takes pipelines.loader.VideoLoader's constructor and yields the same batch dicts, from
+`SyntheticLoader` takes what train/data.py gives a plugin loader and yields VideoLoader's batch dicts, from
 clips rendered in memory: a bright square on a noisy background moving right, left, down or up, so the
 class is the direction of motion (classes 0/1 and 2/3 are time reversals of each other). Batches are a
 pure function of (seed, epoch, rank, world_size), as the real loader's are. Like the real loader it has
@@ -43,10 +43,12 @@ class SyntheticLoader:
     `class_names` (default class0, class1, ...) is what the shards' classes.txt would say; `broken` lists
     videos whose every view is replaced by a stand-in: the last good view before it, flagged invalid."""
 
-    def __init__(self, shards, batch_size, num_frames=8, sampling="uniform", mode="train", *, split=None,
-                 num_clips=1, num_crops=1, crop_size=16, layout="BTCHW", device="cpu", device_id=0, rank=0,
+    def __init__(self, shards, batch_size, num_frames=8, sampling="uniform", mode="train", *, contract=None,
+                 split=None, num_clips=1, num_crops=1, crop_size=16, layout="BTCHW", device="cpu", device_id=0, rank=0,
                  world_size=1, seed=0, num_classes=4, grid=None, delay=0.0, die_at_batch=None, die_marker=None,
                  class_names=None, broken=(), **_):
+        if contract is not None:     # what train/data.py passes a plugin loader: the model's input contract
+            num_frames, crop_size, layout, grid = contract.num_frames, contract.crop_size, contract.layout, contract.grid
         self.num_videos = int(str(shards).split(":")[-1])
         names = tuple(class_names) if class_names is not None else tuple(f"class{c}" for c in range(num_classes))
         self.index = SimpleNamespace(keys=np.array([f"vid{v:05d}" for v in range(self.num_videos)]), class_names=names)

@@ -27,7 +27,8 @@ from pathlib import Path
 import yaml
 
 from contract.credentials import scrub, secret_env_values, secret_values, without_redacted
-from train.config import DEFAULTS, ConfigError, apply_overrides, datasets_of, load_config, parse_override, validate
+from train.config import (DEFAULTS, ConfigError, apply_overrides, datasets_of, load_config, parse_override,
+                          plugin_loader, validate)
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_RECIPES = REPO / "configs"
@@ -149,7 +150,7 @@ def checkpoint_config(state: dict, checkpoint: str, overrides: list[str]) -> dic
         return validate(apply_overrides(saved, overrides))
     saved = without_redacted(state["config"])
     given = {".".join(parse_override(text)[0]) for text in overrides}
-    code = {"imports": saved["imports"], "data.loader": saved["data"]["loader"]}
+    code = {"imports": saved["imports"], "data.loader": plugin_loader(saved)}
     defaults = {"imports": DEFAULTS["imports"], "data.loader": DEFAULTS["data"]["loader"]}
     unsafe = {key: value for key, value in code.items() if value != defaults[key] and key not in given}
     if unsafe:

@@ -48,11 +48,11 @@ DEFAULTS: dict[str, Any] = {
         "options": {},            # builder keyword arguments, e.g. drop_path_rate
     },
     "data": {
-        "loader": "pipelines.loader:VideoLoader",  # "module:Class" with VideoLoader's constructor
+        "loader": None,           # None: pipelines.loader.VideoLoader; "module:Class": a plugin (train/data.py)
         "name": "main",           # dataset name (the head an IV-ViT model uses)
         "batch_size": 8,          # per worker
         "sampling": "uniform",    # "uniform" (TSN segments) or "dense"
-        "options": {},            # loader keyword arguments for every split
+        "options": {},            # LoaderConfig fields for every split (pipelines/config.py), e.g. readers: 4
         "train": {"shards": None, "options": {}},
         "val": {"shards": None, "options": {}},
         "datasets": {},           # several datasets trained together, in this fixed order (IV-ViT):
@@ -131,7 +131,7 @@ NUMBER = (int, float)
 # takes its default's type (an int default takes integers, a float default any number).
 TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str, "init_from": str, "model.name": str, "model.num_classes": int, "model.pretrained": str,
-    "data.train.shards": str, "data.val.shards": str, "optim.lr_reference_batch": NUMBER, "optim.clip_grad": NUMBER,
+    "data.loader": str, "data.train.shards": str, "data.val.shards": str, "optim.lr_reference_batch": NUMBER, "optim.clip_grad": NUMBER,
     "aug.cutmix_minmax": list, "train.amp": (str, bool), "train.channels_last": (str, bool),
     "train.ema_decay": NUMBER, "train.max_updates": int, "eval.reference": str, "eval.batch_size": int,
     "run.dir": str, "run.storage": str, "run.resume": str, "ray.address": str, "ray.gpus_per_worker": NUMBER,
@@ -307,6 +307,15 @@ def validate(cfg: dict) -> dict:
     if bad:
         raise ConfigError(f"eval.orders has {sorted(bad)}; use normal, reversed and/or shuffled")
     return cfg
+
+
+# `data.loader` values meaning the built-in VideoLoader: none, or what configs saved before it took a LoaderConfig
+BUILT_IN_LOADER = (None, "pipelines.loader:VideoLoader")
+
+
+def plugin_loader(cfg: dict) -> str | None:
+    """The "module:Class" of the config's plugin loader; None for the built-in VideoLoader."""
+    return None if cfg["data"]["loader"] in BUILT_IN_LOADER else cfg["data"]["loader"]
 
 
 def datasets_of(cfg: dict) -> dict[str, dict]:

@@ -1,7 +1,15 @@
 """Loaders for a run, built from its config, and the bookkeeping that makes resuming exact.
 
-Any class with VideoLoader's constructor works (`data.loader: "module:Class"`): it yields dicts
-{video, label, key, valid, ...}, has len() (batches per epoch on this rank), set_epoch(epoch) and
+Each key of `data.options` (and of a split's `options`) is a field of `pipelines.config.LoaderConfig`,
+by its name: `readers`, `train_crop`, `max_failures`, ... and the fields of the model's input contract
+(`num_frames: 1` for images) and of the augmentations (`color_jitter`, ...); a key no field takes is
+refused in one line naming the nearest one. The model's contract (`model.contract`) gives frames, crop
+size, layout, grid, mean and std; `data.sampling` and `data.batch_size` the fields of those names.
+
+A plugin loader (`data.loader: "module:Class"`, imported after the config's `imports`) is called as
+`Class(shards, batch_size, contract=..., mode=, split=, sampling=, device=, device_id=, rank=,
+world_size=, seed=[, num_clips=, num_crops=], **options)`, its options passed through unchecked. It yields
+dicts {video, label, key, valid, ...}, has len() (batches per epoch on this rank), set_epoch(epoch) and
 `failures` (the samples of the current iteration it could not read, as dicts {key, video_index, shard,
 stage, reason}; their places in the batches hold stand-ins flagged valid=False), and its batches are a
 pure function of (seed, epoch, rank, world_size). A loader may have an `index` with `keys` (every video
@@ -12,13 +20,15 @@ set_epoch takes `start_batch` jumps there directly; any other is advanced by rea
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 
 import torch
 
-from contract.inputs import InputContract, super_grid
-from train.config import ConfigError, datasets_of
+from contract.inputs import InputContract
+from pipelines.config import CONTRACT_KEYS, OPTIONS, LoaderConfig, contract_of
+from train.config import ConfigError, datasets_of, plugin_loader
 
 SHOWN_CLASSES = 8   # class names an error message lists before "... (N in all)"
 
@@ -26,7 +36,7 @@ SHOWN_CLASSES = 8   # class names an error message lists before "... (N in all)"
 def import_object(spec: str):
     module, _, attr = spec.partition(":")
     if not attr:
-        raise ConfigError(f"{spec!r} is not 'module:Name' (for example pipelines.loader:VideoLoader)")
+        raise ConfigError(f"{spec!r} is not 'module:Name' (for example my_plugin:MyLoader)")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
@@ -43,29 +53,51 @@ def build_loader(cfg: dict, dataset: str, split: str, *, contract: InputContract
     datasets, say), while the layout and a super-image grid are the model's alone (model.options.grid).
     """
     spec = datasets_of(cfg)[dataset].get(split) or {}
+    where = f"data.datasets.{dataset}.{split}" if cfg["data"]["datasets"] else f"data.{split}"
     if not spec.get("shards"):
-        where = f"data.datasets.{dataset}.{split}" if cfg["data"]["datasets"] else f"data.{split}"
         raise ConfigError(f"{where}.shards is not set; give the shard folder or URL written by the shard job")
+    sections = {"data.options": cfg["data"]["options"], f"{where}.options": spec.get("options") or {}}
+    options = {key: value for section in sections.values() for key, value in section.items()}
     device = torch.device(device)
-    kwargs = {"batch_size": batch_size or cfg["data"]["batch_size"], "num_frames": contract.num_frames,
-              "sampling": cfg["data"]["sampling"], "mode": "train" if split == "train" else "eval",
-              "split": split, "crop_size": contract.crop_size, "layout": contract.layout,
-              "mean": contract.mean, "std": contract.std,
-              "device": "gpu" if device.type == "cuda" else "cpu",
-              "device_id": device.index if device.index is not None else 0,
-              "rank": rank, "world_size": world_size, "seed": cfg["seed"]}
+    batch_size = batch_size or cfg["data"]["batch_size"]
+    keywords = {"mode": "train" if split == "train" else "eval", "split": split, "sampling": cfg["data"]["sampling"],
+                "device": "gpu" if device.type == "cuda" else "cpu",
+                "device_id": device.index if device.index is not None else 0,
+                "rank": rank, "world_size": world_size, "seed": cfg["seed"]}
     if split != "train":
-        kwargs.update(num_clips=views[0], num_crops=views[1])
-    kwargs.update({**cfg["data"]["options"], **(spec.get("options") or {})})   # e.g. num_frames: 1 for images
-    if kwargs["layout"] != contract.layout:
-        raise ConfigError(f"the data options ask for layout {kwargs['layout']!r} but the model reads "
+        keywords.update(num_clips=views[0], num_crops=views[1])
+    keywords.update({key: value for key, value in options.items() if key not in CONTRACT_KEYS})
+    try:
+        delivered = contract_of(contract, {key: options[key] for key in CONTRACT_KEYS if key in options})
+    except ValueError as e:
+        raise ConfigError(f"{' / '.join(sections)}: {e}") from e
+    _check_against_the_model(delivered, contract, options)
+    if plugin_loader(cfg) is not None:
+        return import_object(plugin_loader(cfg))(spec["shards"], batch_size, contract=delivered, **keywords)
+    for section, given in sections.items():
+        for key in given:
+            if key not in OPTIONS:
+                near = difflib.get_close_matches(key, OPTIONS, n=1)
+                hint = f"did you mean {section}.{near[0]}?" if near else f"the keys are LoaderConfig's: {', '.join(OPTIONS)}"
+                raise ConfigError(f"{section}.{key} is not a loader setting; {hint}")
+    try:
+        config = LoaderConfig.of(batch_size, contract=delivered, **keywords)
+    except ValueError as e:
+        raise ConfigError(f"{' / '.join(sections)}: {e}") from e
+    from pipelines.loader import VideoLoader
+
+    return VideoLoader(spec["shards"], config=config)
+
+
+def _check_against_the_model(delivered: InputContract, contract: InputContract, options: dict) -> None:
+    """The layout and grid are the model's: data options may not change them."""
+    if delivered.layout != contract.layout:
+        raise ConfigError(f"the data options ask for layout {delivered.layout!r} but the model reads "
                           f"{contract.layout!r}; drop layout from the data options")
-    if contract.grid is not None:
-        asked = kwargs.setdefault("grid", contract.grid_text)
-        if super_grid(kwargs["num_frames"], asked) != contract.grid:
-            raise ConfigError(f"the data options tile a {asked} grid but the model reads {contract.grid_text}; "
-                              f"set the grid once, as model.options.grid, and drop it from the data options")
-    return import_object(cfg["data"]["loader"])(spec["shards"], **kwargs)
+    if delivered.grid != contract.grid:
+        raise ConfigError(f"the data options tile a {options.get('grid', delivered.grid_text)} grid but the model "
+                          f"reads {contract.grid_text}; set the grid once, as model.options.grid, and drop it from "
+                          f"the data options")
 
 
 class Source:

@@ -147,8 +147,7 @@ class Trainer:
         self.logger = logger or MetricsLogger(None)
         self.save_checkpoint = save_checkpoint
         self.module = ckpt.unwrap(model)
-        contract = self.module.contract
-        self.layout, self.num_frames, self.grid = contract.layout, contract.num_frames, contract.grid
+        self.contract = self.module.contract     # what the loader delivers, and what Mixup untiles by
         self.multi = bool(cfg["data"]["datasets"])
         self.amp = pick_amp(cfg["train"]["amp"], device)
         self.channels_last = wants_channels_last(cfg["train"]["channels_last"], self.module, device)
@@ -201,8 +200,8 @@ class Trainer:
         if mixup is not None:
             if x.data_ptr() == batch["video"].data_ptr():
                 x = x.clone()   # Mixup works in place; never write into the loader's own tensor
-            x, target = mix_clips(mixup, x, y, self.layout, self.num_frames, self.grid)
-        if self.channels_last and (fmt := input_memory_format(x, self.layout)) is not None:
+            x, target = mix_clips(mixup, x, y, self.contract.layout, self.contract.num_frames, self.contract.grid)
+        if self.channels_last and (fmt := input_memory_format(x, self.contract.layout)) is not None:
             x = x.contiguous(memory_format=fmt)
         with autocast(self.device, self.amp):
             logits = self.model(x, dataset=dataset) if self.multi else self.model(x)
@@ -330,9 +329,9 @@ class Trainer:
 
     def validate(self) -> dict:
         """Clip-level top-1/top-5 on each dataset's validation split (1 view per video)."""
-        metrics = {}
+        metrics, c = {}, self.contract
         for name, loader in self.val_loaders.items():
-            kw = dict(device=self.device, layout=self.layout, num_frames=self.num_frames, grid=self.grid,
+            kw = dict(device=self.device, layout=c.layout, num_frames=c.num_frames, grid=c.grid,
                       amp_dtype=self.amp, dataset=name if self.multi else None, channels_last=self.channels_last)
             prefix = f"{name}_" if self.multi else ""
             normal = evaluate(self.model, loader, **kw)["normal"]
@@ -509,7 +508,7 @@ def final_evaluation(cfg: dict, model: nn.Module, device, *, rank: int = 0, worl
         names[name] = names[name] if names[name] is not None else (classes or {}).get(name)
     report = {"model": cfg["model"]["name"], "dataset": ", ".join(results), "checkpoint": checkpoint,
               "views": ev["clips"] * ev["crops"], "clips": ev["clips"], "crops": ev["crops"],
-              "num_frames": module.num_frames, "coverage": coverage,
+              "num_frames": contract.num_frames, "coverage": coverage,
               "classes": {n: list(v) if v is not None else None for n, v in names.items()}, "results": results}
     if ev["reference"]:
         with fsspec.open(ev["reference"]) as f:

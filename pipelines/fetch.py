@@ -1,0 +1,143 @@
+"""The fetch stage: the bytes of the rows an epoch reads, checked, and cut to the GOPs their views need.
+
+Reading goes through `source.ShardReader`: consecutive rows of a shard become one byte-range read, a
+pool of `readers` threads reads a few ahead, retries what storage drops, and checks each video's size and
+sha256, naming what is wrong in a failure. Each row is then cut, view by view, to the GOPs its frames sit
+in (`gops.py`; the row's WebM parsed once). Rows are handed on in the order their views come out, so the
+stream does not depend on which read finishes first.
+
+Where the cut runs: with threads (the default) in the thread that consumes the stream, since the WebM parse
+and the cut hold the interpreter lock while reading and sha256 release it; with `reader_processes=True` in
+`readers` worker processes, which take chunks of consecutive rows of a shard, read, check and cut them, and
+send the cut bytes back through a pipe: the parse then runs on every core, at the cost of that copy
+(docs/pipelines.md, "Host cost", measures both). This module imports neither DALI nor torch: a worker
+process starts with numpy, fsspec and pyarrow only.
+
+Reading only the GOPs a view needs changes `prepared` alone: it gets each row's views' frames already.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.gops import cut, webm_packets
+from pipelines.source import SampleError, ShardIndex, ShardReader
+
+CHUNK_ROWS = 8     # rows per reader-process task: up to 8 consecutive videos of a shard, one read
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One row, ready for batching: per view of it, the bytes to decode and its frames as indices into them."""
+    row: int
+    encoded: tuple[bytes, ...] = ()               # per view; empty when the row failed
+    frames: tuple[np.ndarray | None, ...] = ()    # per view; None for images
+    cut: tuple[bool, ...] = ()                    # per view: `encoded` is a GOP cut
+    failure: tuple[str, str] | None = None        # (stage, reason) of the SampleError (which does not pickle)
+
+    @property
+    def error(self) -> SampleError | None:
+        return None if self.failure is None else SampleError(*self.failure)
+
+
+def prepared(fetched: Iterator[tuple[int, bytes | SampleError]], frames: Iterator[np.ndarray | None], cut_gops,
+             media: str) -> Iterator[Fetched]:
+    """Each fetched row with its views cut: `frames` gives, row by row, the frames of every view of it
+    (views, T), or None for images; `cut_gops()` says whether to cut."""
+    for (row, data), views in zip(fetched, frames):
+        if isinstance(data, SampleError):
+            yield Fetched(row, failure=(data.stage, data.reason))
+            continue
+        if views is None:
+            yield Fetched(row, (data,), (None,), (False,))
+            continue
+        packets = webm_packets(data) if cut_gops() and media == "video" else None
+        encoded, local, was_cut = [], [], []
+        for wanted in views:
+            cuttable = packets is not None and wanted.max() < len(packets.spans)
+            one, at = cut(packets, wanted) if cuttable else (data, wanted)   # only the GOPs these frames sit in
+            encoded.append(one)
+            local.append(at)
+            was_cut.append(cuttable)
+        yield Fetched(row, tuple(encoded), tuple(local), tuple(was_cut))
+
+
+class Fetcher:
+    """The fetch stage of a loader: `prepared` over an epoch's reads, in this process or in reader processes."""
+
+    def __init__(self, reader: ShardReader, storage: tuple, readers: int, processes: bool):
+        """`storage` is (url, split, storage options): how a worker process opens the index."""
+        self.reader, self.storage, self.readers, self.processes = reader, storage, readers, processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __call__(self, plan, start_batch: int, cut_gops) -> Iterator[tuple[int, Fetched]]:
+        """(row, Fetched) of every row of batches `start_batch`.., in the order their views come out;
+        `cut_gops()` says whether to cut (asked per row, or per chunk in processes)."""
+        reads = plan.reads_from(start_batch)
+        if self.processes:
+            rows = self._in_processes(plan, reads, cut_gops)
+        else:
+            rows = prepared(self.reader(reads), plan.row_frames(reads), cut_gops, plan.media)
+        return _in_order(((one.row, one) for one in rows), plan.rows_from(start_batch))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _in_processes(self, plan, reads: np.ndarray, cut_gops) -> Iterator[Fetched]:
+        if self._pool is None:   # spawn: the loader's process runs DALI and CUDA threads, which fork does not copy
+            self._pool = ProcessPoolExecutor(self.readers, multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker, initargs=(*self.storage, self.reader.verify))
+        ahead: deque = deque()
+        frames = plan.row_frames(reads)
+        try:
+            for rows in _shard_runs(reads, plan.index["shard"]):
+                chunk = [next(frames) for _ in rows]
+                ahead.append(self._pool.submit(_in_worker, rows.tolist(), chunk, cut_gops(), plan.media))
+                if len(ahead) >= 2 * self.readers:
+                    yield from ahead.popleft().result()
+            while ahead:
+                yield from ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
+
+
+def _shard_runs(rows: np.ndarray, shards: np.ndarray) -> Iterator[np.ndarray]:
+    """`rows` cut into runs of at most CHUNK_ROWS consecutive rows of one shard."""
+    run: list[int] = []
+    for row in rows.tolist():
+        if run and (len(run) == CHUNK_ROWS or shards[row] != shards[run[0]]):
+            yield np.array(run)
+            run = []
+        run.append(row)
+    if run:
+        yield np.array(run)
+
+
+def _in_order(fetched: Iterator[tuple[int, Fetched]], order: np.ndarray) -> Iterator[tuple[int, Fetched]]:
+    """(row, fetched) in `order`; holds rows read early until their turn (about a shuffle buffer's worth)."""
+    pending = {}
+    for row in order.tolist():
+        while row not in pending:
+            got, data = next(fetched)
+            pending[got] = data
+        yield row, pending.pop(row)
+
+
+_WORKER_READER: ShardReader | None = None    # a worker process's own reader
+
+
+def _start_worker(url: str, split: str | None, storage_options: dict | None, verify: bool) -> None:
+    global _WORKER_READER
+    _WORKER_READER = ShardReader(ShardIndex(url, split, storage_options), readers=1, verify=verify)
+
+
+def _in_worker(rows: list[int], frames: list, cut_gops: bool, media: str) -> list[Fetched]:
+    return list(prepared(_WORKER_READER(rows), iter(frames), lambda: cut_gops, media))
