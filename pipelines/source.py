@@ -52,7 +52,7 @@ INDEX_FILE = "index.parquet"
 CLASSES_FILE = "classes.txt"
 _COLUMNS = ("key", "label", "label_name", "shard", "offset", "size", "ext", "num_frames", "fps", "width", "height",
             "codec", "sha256")
-PACKET_COLUMNS = ("frame_offset", "frame_size", "keyframes", "gop_crc32")   # docs/shard_format.md; may be absent
+PACKET_COLUMNS = ("frame_size", "frame_gap", "keyframes", "gop_crc32")   # docs/shard_format.md; may be absent
 DEFAULT_GAP = 64 << 10      # GOP reads: ranges at most this far apart are read as one (docs/pipelines.md)
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
@@ -133,16 +133,17 @@ class ShardIndex:
 
 class PacketColumns:
     """The index's packet tables as flat numpy arrays, one per column: the values of all rows end to end and
-    where each row's begin. About 8 bytes per frame (uint32 offset and size) and 8 per GOP, and no Python
-    object per row or frame (docs/shard_format.md gives the figure per 1000 videos)."""
+    where each row's begin. 6 bytes per frame (uint32 size, uint16 gap) and 8 per GOP, and no Python object
+    per row or frame (docs/shard_format.md gives the figure per 1000 videos)."""
 
     def __init__(self, table: pa.Table):
         self.values, self.bounds = {}, {}
         for name in PACKET_COLUMNS:
-            column = table.column(name).cast(pa.large_list(pa.uint32())).combine_chunks()
+            column = table.column(name)
+            column = column.cast(pa.large_list(column.type.value_type)).combine_chunks()
             self.bounds[name] = column.offsets.to_numpy()
             self.values[name] = column.values.to_numpy()
-        self.present = np.diff(self.bounds["frame_offset"]) > 0
+        self.present = np.diff(self.bounds["frame_size"]) > 0
 
     @property
     def nbytes(self) -> int:
@@ -151,9 +152,9 @@ class PacketColumns:
     def table(self, row: int, fourcc: bytes, width: int, height: int) -> PacketTable | None:
         if not self.present[row]:
             return None
-        offset, size, keyframes, crc = (self.values[name][self.bounds[name][row]:self.bounds[name][row + 1]]
-                                        for name in PACKET_COLUMNS)
-        return PacketTable(offset, size, keyframes, crc, fourcc, width, height)
+        size, gap, keyframes, crc = (self.values[name][self.bounds[name][row]:self.bounds[name][row + 1]]
+                                     for name in PACKET_COLUMNS)
+        return PacketTable(np.cumsum(gap + size, dtype=np.int64) - size, size, keyframes, crc, fourcc, width, height)
 
 
 def packet_table_note(index: ShardIndex) -> str | None:

@@ -74,9 +74,9 @@ def _read_index(fs, path: str) -> pa.Table:
 def _needs_table(index: pa.Table) -> np.ndarray:
     """WebM rows without a packet table."""
     webm = index.column("ext").to_numpy(zero_copy_only=False) == "webm"
-    if "frame_offset" not in index.column_names:
+    if PACKET_COLUMNS[0] not in index.column_names:
         return webm
-    return webm & index.column("frame_offset").is_null().to_numpy(zero_copy_only=False)
+    return webm & index.column(PACKET_COLUMNS[0]).is_null().to_numpy(zero_copy_only=False)
 
 
 def _upgrade_split(fs, root: str, index: pa.Table, needs: np.ndarray, workers: int, progress: Progress,
@@ -140,7 +140,7 @@ def _columns(data: bytes, row: dict) -> dict | str:
     if hashlib.sha256(data).hexdigest() != row["sha256"]:
         return "its bytes fail the index's sha256 (a damaged tar, or a tar of another run)"
     columns = packet_columns(row["ext"], data)
-    return columns if columns["frame_offset"] is not None else "it is not laid out as the WebM the shard job writes"
+    return columns if columns[PACKET_COLUMNS[0]] is not None else "it is not laid out as the WebM the shard job writes"
 
 
 def _update_marker(fs, root: str, shard: str, keys: list[str], columns: dict[str, dict]) -> None:

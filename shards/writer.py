@@ -18,6 +18,7 @@ import json
 import tarfile
 from typing import IO
 
+import numpy as np
 from pipelines.gops import packet_table
 
 from .finalize import PACKET_COLUMNS
@@ -58,12 +59,16 @@ def sample_metadata(record: VideoRecord, clip: Clip) -> dict:
 
 def packet_columns(ext: str, data: bytes) -> dict:
     """A member's packet-table columns of the index (docs/shard_format.md); nulls unless it is a WebM the
-    loader can cut (uint32 offsets: members under 4 GiB)."""
+    loader can cut. Offsets are stored as the gaps between packets (container headers: a few bytes), which
+    cost a quarter of the offsets on disk; a member whose gaps or size do not fit the columns gets no table."""
     table = packet_table(data) if ext == "webm" and len(data) < 1 << 32 else None
     if table is None:
         return dict.fromkeys(PACKET_COLUMNS)
-    return {"frame_offset": table.offset.tolist(), "frame_size": table.size.tolist(),
-            "keyframes": table.keyframes.tolist(), "gop_crc32": table.gop_crc32.tolist()}
+    gap = table.offset - np.append(0, table.offset[:-1] + table.size[:-1])
+    if gap.max() >= 1 << 16:
+        return dict.fromkeys(PACKET_COLUMNS)
+    return {"frame_size": table.size.tolist(), "frame_gap": gap.tolist(), "keyframes": table.keyframes.tolist(),
+            "gop_crc32": table.gop_crc32.tolist()}
 
 
 class ShardWriter:

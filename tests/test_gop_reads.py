@@ -113,12 +113,12 @@ def test_the_index_holds_each_members_packet_table_as_a_parse_of_the_member_give
         np.testing.assert_array_equal(stored.keyframes, np.arange(0, FRAMES, GOP))     # the job's GOP
 
 
-def test_the_packet_table_costs_8_bytes_a_frame_and_8_a_gop_in_memory(job):
-    """uint32 offset and size per frame, uint32 keyframe and crc32 per GOP, and where each row's begin
-    (int64 per column, and a flag): 2.75 KB for a 300-frame video at GOP 8 (docs/shard_format.md)."""
+def test_the_packet_table_costs_6_bytes_a_frame_and_8_a_gop_in_memory(job):
+    """uint32 size and uint16 gap per frame, uint32 keyframe and crc32 per GOP, and where each row's begin
+    (int64 per column, and a flag): 2.1 KB for a 300-frame video at GOP 8 (docs/shard_format.md)."""
     index = ShardIndex(job["output"], "train")
     frames, gops = int(index["num_frames"].sum()), len(index) * -(-FRAMES // GOP)    # 38 GOPs of 300 frames
-    assert index.packets.nbytes == 8 * frames + 8 * gops + 4 * 8 * (len(index) + 1) + len(index)
+    assert index.packets.nbytes == 6 * frames + 8 * gops + 4 * 8 * (len(index) + 1) + len(index)
 
 
 def test_members_other_than_webm_get_no_packet_table(job):
