@@ -16,7 +16,8 @@ from test_video_pipeline import loopback_ray, run, run_shard_job
 from pipelines.gops import byte_ranges, cut, packet_table, webm_packets
 from pipelines.loader import VideoLoader
 from pipelines.sampling import frame_indices
-from pipelines.source import PACKET_COLUMNS, SampleError, ShardIndex, ShardReader, packet_table_note
+from pipelines.source import (PACKET_COLUMNS, SampleError, ShardIndex, ShardReader, gop_reads_win,
+                              packet_table_note)
 from pipelines.video_pipeline import PipelineConfig
 from shards import upgrade
 from shards.job import JobConfig, run_job, transcode_options
@@ -178,6 +179,14 @@ def test_tsn8_reads_about_a_quarter_of_a_300_frame_member(job):
         gops = np.unique(table.gops_of(frames)[1])                        # 8, or 7 where two share a GOP
         assert parts.nbytes == (ends - starts)[gops].sum() and len(parts.pieces) == len(gops) >= 7
         assert 0.15 < parts.nbytes / index["size"][row] < 0.3
+
+
+def test_gop_reads_are_the_default_on_local_disks_only(job, bucket, tmp_path):
+    """Through s3fs every range is a request, which costs more than the bytes it saves (docs/pipelines.md)."""
+    url, options = bucket
+    assert gop_reads_win(ShardIndex(job["output"], "train"))
+    assert not gop_reads_win(ShardIndex(url, "train", options))
+    assert not gop_reads_win(ShardIndex(strip(job["output"], tmp_path / "old"), "train"))
 
 
 def test_transient_storage_errors_in_gop_reads_are_retried(job):
