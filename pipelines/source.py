@@ -163,7 +163,7 @@ class PacketColumns:
 def gop_reads_win(index: ShardIndex) -> bool:
     """Whether reading only the GOPs a view needs beats reading whole members, for this index: it must hold
     packet tables, and live on a local (or mounted) disk. Through s3fs each range is an HTTP request that
-    costs about 5 ms of client CPU (measured on moto), against about 2 ms per MB for a whole-member read of
+    costs about 5 ms of client CPU (measured on moto), against 1 to 4 ms per MB for a whole-member read of
     up to 16 MB, so on object storage the 8 ranges of a TSN-8 view cost far more than the bytes they save."""
     return index.packets is not None and isinstance(index.fs, LocalFileSystem)
 
