@@ -270,7 +270,7 @@ class _Read:
     start: int
     end: int
     rows: tuple[int, ...]
-    frames: tuple = ()     # per row (GOP reads): the frames its views need
+    frames: tuple          # per row: the frames its views need (GOP reads), or None (whole reads)
 
 
 class ShardReader:
@@ -336,7 +336,7 @@ class ShardReader:
 
     def _fetch_gops(self, read: _Read) -> list[tuple[int, MemberParts | bytes | SampleError]]:
         """One `cat_ranges` for the read's rows: their GOP ranges, or whole members where a row has no table."""
-        tables = [self.index.packet_table(row) for row in read.rows]
+        tables = [self._table(row, frames) for row, frames in zip(read.rows, read.frames)]
         ranges = [byte_ranges(table, frames, self.gap) if table is not None else ([0], [int(self.index["size"][row])])
                   for row, frames, table in zip(read.rows, read.frames, tables)]
         bases = [int(self.index["offset"][row]) for row in read.rows]
@@ -348,6 +348,13 @@ class ShardReader:
             pieces = [next(got) for _ in row_starts]
             out.append((row, self._check_gops(row, frames, table, base, row_starts, row_ends, pieces)))
         return out
+
+    def _table(self, row: int, frames: np.ndarray | None) -> PacketTable | None:
+        """The row's packet table, unless it cannot serve `frames` (then the row is read whole, cut as before)."""
+        table = self.index.packet_table(row)
+        if table is None or frames is None or np.max(frames) >= table.num_frames:
+            return None
+        return table
 
     def _check_gops(self, row: int, frames, table: PacketTable | None, base: int, starts: list[int],
                     ends: list[int], pieces: list) -> MemberParts | bytes | SampleError:

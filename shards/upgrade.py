@@ -81,17 +81,17 @@ def _needs_table(index: pa.Table) -> np.ndarray:
 
 def _upgrade_split(fs, root: str, index: pa.Table, needs: np.ndarray, workers: int, progress: Progress,
                    log: Callable[[str], None], interval: float) -> list[tuple[slice, dict, list[str]]]:
-    """Per shard, in index order: its rows, their new columns by row, and its errors."""
+    """Per shard, in index order: its rows, their packet columns (Arrow arrays) and its errors."""
     shard = index.column("shard").to_numpy(zero_copy_only=False)
     bounds = np.flatnonzero(np.append(True, shard[1:] != shard[:-1])).tolist() + [len(shard)]
     lock = threading.Lock()
 
     def one(rows: slice) -> tuple[slice, dict, list[str]]:
-        columns, errors = _upgrade_shard(fs, root, index.slice(rows.start, rows.stop - rows.start),
-                                         needs[rows], progress, lock)
+        part = index.slice(rows.start, rows.stop - rows.start)
+        columns, errors = _upgrade_shard(fs, root, part, needs[rows], progress, lock)
         for error in errors:
             log(f"upgrade: {error}")
-        return rows, columns, errors
+        return rows, _packet_arrays(part, columns), errors
 
     with ThreadPoolExecutor(workers, thread_name_prefix="upgrade") as pool:
         futures = [pool.submit(one, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -102,8 +102,9 @@ def _upgrade_split(fs, root: str, index: pa.Table, needs: np.ndarray, workers: i
 
 
 def _upgrade_shard(fs, root: str, rows: pa.Table, needs: np.ndarray, progress: Progress,
-                   lock: threading.Lock) -> tuple[dict, list[str]]:
-    """Read the shard's members that need a table, front to back; update its commit marker."""
+                   lock: threading.Lock) -> tuple[dict[int, dict], list[str]]:
+    """Read the shard's members that need a table, front to back, and update its commit marker; returns the
+    new packet columns by row, and the errors."""
     shard = rows.column("shard")[0].as_py()
     keys = rows.column("key").to_pylist()
     todo = np.flatnonzero(needs).tolist()
@@ -158,20 +159,25 @@ def _update_marker(fs, root: str, shard: str, keys: list[str], columns: dict[str
     storage.write_json(fs, path, marker)
 
 
+def _packet_arrays(rows: pa.Table, columns: dict[int, dict]) -> dict[str, pa.Array]:
+    """A shard's packet columns: the new tables where computed, what the index held elsewhere (Arrow arrays,
+    not Python lists, so a split of 240k videos stays a few hundred MB until its index is written)."""
+    arrays = {}
+    for name in PACKET_COLUMNS:
+        old = rows.column(name).to_pylist() if name in rows.column_names else [None] * len(rows)
+        arrays[name] = pa.array([columns[i][name] if i in columns else value for i, value in enumerate(old)],
+                                INDEX_SCHEMA.field(name).type)
+    return arrays
+
+
 def _write_index(fs, path: str, index: pa.Table, shards: list[tuple[slice, dict, list[str]]]) -> None:
-    """The index with the new columns, one row group per shard as the shard job writes it."""
+    """The index with the packet columns, one row group per shard as the shard job writes it."""
     with storage.atomic_write(fs, path) as f, pq.ParquetWriter(f, INDEX_SCHEMA) as writer:
-        for rows, columns, _ in shards:
+        for rows, arrays, _ in shards:
             part = index.slice(rows.start, rows.stop - rows.start)
-            arrays = []
-            for field in INDEX_SCHEMA:
-                if field.name not in PACKET_COLUMNS:
-                    arrays.append(part.column(field.name).cast(field.type))
-                    continue
-                old = part.column(field.name).to_pylist() if field.name in part.column_names else [None] * len(part)
-                arrays.append(pa.array([columns[i][field.name] if i in columns else value for i, value in enumerate(old)],
-                                       field.type))
-            writer.write_table(pa.Table.from_arrays(arrays, schema=INDEX_SCHEMA))
+            writer.write_table(pa.Table.from_arrays(
+                [arrays[field.name] if field.name in arrays else part.column(field.name).cast(field.type)
+                 for field in INDEX_SCHEMA], schema=INDEX_SCHEMA))
 
 
 def main(argv: list[str] | None = None) -> int:
