@@ -28,6 +28,7 @@ What the loader calls (numpy and the standard library only, so the shard job imp
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import struct
 import zlib
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ def packet_table(data: bytes) -> PacketTable | None:
         return None
     table = _table(packets, None)
     crcs = [zlib.crc32(packets.data[s:e]) for s, e in zip(*(span.tolist() for span in table.gop_spans))]
-    return _table(packets, np.array(crcs, dtype=np.uint32))
+    return dataclasses.replace(table, gop_crc32=np.array(crcs, dtype=np.uint32))
 
 
 def _table(packets: Packets, gop_crc32: np.ndarray | None) -> PacketTable:
