@@ -146,7 +146,8 @@ class PacketColumns:
             column = column.cast(pa.large_list(column.type.value_type)).combine_chunks()
             self.bounds[name] = column.offsets.to_numpy()
             self.values[name] = column.values.to_numpy()
-        self.present = np.diff(self.bounds["frame_size"]) > 0
+        first = PACKET_COLUMNS[0]
+        self.present = table.column(first).is_valid().to_numpy(zero_copy_only=False) & (np.diff(self.bounds[first]) > 0)
 
     @property
     def nbytes(self) -> int:

@@ -181,7 +181,9 @@ def _write_index(fs, path: str, index: pa.Table, shards: list[tuple[slice, dict,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shards.upgrade", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shards.upgrade",
+                                     description="Add the packet table to the index of shards written before it, "
+                                                 "without re-encoding (docs/shard_format.md).")
     parser.add_argument("output", help="a shard job's output (a local folder, s3://... or gs://...)")
     parser.add_argument("--split", action="append", help="upgrade only this split (repeatable); default: all")
     parser.add_argument("--workers", type=int, default=8, help="shards read at once (default 8)")
