@@ -1,4 +1,4 @@
-"""Cut a video down to the GOPs a view needs before DALI sees it.
+"""Cut a video down to the GOPs a view needs before DALI sees it, and say which bytes of it to read.
 
 DALI 2.4's `fn.decoders.video` builds no frame index for in-memory videos, so it cannot seek: to return
 frame 280 it decodes frames 0..280. A TSN view of a 10 s Kinetics clip needs 8 frames spread over 300,
@@ -10,11 +10,29 @@ proportional to the frames needed, on the CPU and on NVDEC alike.
 
 Only the WebM the shard job writes is cut (VP8/VP9 in SimpleBlocks, one track, no lacing: libavformat's
 matroska muxer); any other layout returns None and the loader feeds the whole file.
+
+The shard job stores each WebM member's `PacketTable` in the index (docs/shard_format.md): every frame's
+packet (offset in the member, size), the keyframes and a crc32 per GOP. With it a load needs no WebM parse
+and no whole-member read: a view's bytes are the GOPs its frames sit in, a few byte ranges.
+
+What the loader calls (numpy and the standard library only, so the shard job imports this module too):
+
+    byte_ranges(table, frames, gap) -> (starts, ends)   the member's bytes to read for `frames` (every
+                                                        frame of a row's views), merged where closer than `gap`
+    corrupt_gops(table, starts, pieces, frames) -> gops the GOPs of `frames` whose bytes fail their crc32
+    MemberParts(table, starts, pieces).cut(frames)      -> (IVF bytes, positions of `frames` in it), as `cut`
+    webm_packets(data), cut(packets, frames)            the same from a whole member, for rows without a table
+
+`pipelines.source.ShardReader.read_gops` does the reading and the crc check; the cut runs per view.
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import struct
+import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -23,6 +41,7 @@ _TRACKS, _TRACK_ENTRY, _CODEC_ID = 0x1654AE6B, 0xAE, 0x86
 _VIDEO, _PIXEL_WIDTH, _PIXEL_HEIGHT = 0xE0, 0xB0, 0xBA
 _SIMPLE_BLOCK, _BLOCK_GROUP = 0xA3, 0xA0
 _FOURCC = {b"V_VP9": b"VP90", b"V_VP8": b"VP80"}
+FOURCC = {"vp9": b"VP90", "vp8": b"VP80"}   # the index's codec -> the IVF header's fourcc
 
 
 @dataclass(frozen=True)
@@ -100,25 +119,126 @@ def webm_packets(data: bytes) -> Packets | None:
         return None
 
 
+@dataclass(frozen=True)
+class PacketTable:
+    """Where a member's frames and GOPs sit: enough to range-read and cut it without parsing WebM.
+
+    A GOP runs from a keyframe to the frame before the next one. Its bytes are one contiguous range of the
+    member, from its keyframe's packet to the end of its last packet (the block headers between packets
+    included), so reading a GOP is one range read and checking it one crc32.
+    """
+    offset: np.ndarray             # per frame: its packet's first byte, counted from the member's first byte
+    size: np.ndarray               # per frame: its packet's length
+    keyframes: np.ndarray          # the frames that start a GOP, ascending, the first 0
+    gop_crc32: np.ndarray | None   # per GOP: zlib.crc32 of its bytes; None where nothing was checksummed
+    fourcc: bytes
+    width: int
+    height: int
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.offset)
+
+    @cached_property
+    def gop_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """[start, end) of each GOP's bytes in the member."""
+        last = np.append(self.keyframes[1:], self.num_frames) - 1
+        return self.offset[self.keyframes].astype(np.int64), self.offset[last] + self.size[last].astype(np.int64)
+
+    def gops_of(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`frames` sorted, each once, and the GOP each sits in."""
+        needed = np.unique(frames)
+        if needed[0] < 0 or needed[-1] >= self.num_frames:
+            raise ValueError(f"frames {needed[0]}..{needed[-1]} outside the video's {self.num_frames} frames")
+        return needed, np.searchsorted(self.keyframes, needed, side="right") - 1
+
+
+def packet_table(data: bytes) -> PacketTable | None:
+    """The table of a WebM member, with its GOPs' crc32s; None where `webm_packets` cannot read it."""
+    packets = webm_packets(data)
+    if packets is None:
+        return None
+    table = _table(packets, None)
+    crcs = [zlib.crc32(packets.data[s:e]) for s, e in zip(*(span.tolist() for span in table.gop_spans))]
+    return dataclasses.replace(table, gop_crc32=np.array(crcs, dtype=np.uint32))
+
+
+def _table(packets: Packets, gop_crc32: np.ndarray | None) -> PacketTable:
+    offset, size = np.array(packets.spans, dtype=np.int64).reshape(-1, 2).T
+    return PacketTable(offset, size, np.flatnonzero(packets.keyframe), gop_crc32, packets.fourcc,
+                       packets.width, packets.height)
+
+
+def byte_ranges(table: PacketTable, frames: np.ndarray, gap: int) -> tuple[list[int], list[int]]:
+    """[starts, ends) in the member of the GOPs `frames` sit in, neighbours at most `gap` bytes apart read
+    as one range (the bytes between come along: on object storage a request costs more than a few KB)."""
+    gops = np.unique(table.gops_of(frames)[1])
+    starts, ends = [], []
+    for start, end in zip(*(span[gops].tolist() for span in table.gop_spans)):
+        if ends and start - ends[-1] <= gap:
+            ends[-1] = end
+        else:
+            starts.append(start)
+            ends.append(end)
+    return starts, ends
+
+
+def corrupt_gops(table: PacketTable, starts: list[int], pieces: list, frames: np.ndarray) -> list[int]:
+    """The GOPs of `frames` whose bytes in `pieces` (piece i holds the member from `starts[i]`) fail their crc32."""
+    gops = np.unique(table.gops_of(frames)[1])
+    bad = []
+    for gop, begin, end in zip(gops.tolist(), *(span[gops].tolist() for span in table.gop_spans)):
+        i = bisect.bisect_right(starts, begin) - 1
+        if zlib.crc32(memoryview(pieces[i])[begin - starts[i]:end - starts[i]]) != table.gop_crc32[gop]:
+            bad.append(gop)
+    return bad
+
+
+@dataclass(frozen=True)
+class MemberParts:
+    """The ranges of one member that were read (piece i holds its bytes from `starts[i]`): enough to cut any
+    view whose frames were among those they were read for."""
+    table: PacketTable
+    starts: list[int]
+    pieces: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(piece) for piece in self.pieces)
+
+    def cut(self, frames: np.ndarray) -> tuple[bytes, np.ndarray]:
+        return cut_ranges(self.table, self.starts, self.pieces, frames)
+
+
 def cut(packets: Packets, frames: np.ndarray) -> tuple[bytes, np.ndarray]:
     """An IVF stream holding, for each needed frame, the packets from its keyframe to it; and the
     requested frames' positions in that stream (same order, repeats kept)."""
+    return cut_ranges(_table(packets, None), [0], [packets.data], frames)
+
+
+_IVF_FRAME = struct.Struct("<IQ")   # before each frame: its size and timestamp
+
+
+def cut_ranges(table: PacketTable, starts: list[int], pieces: list, frames: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """`cut` from parts of the member: piece i holds its bytes from `starts[i]`, and must hold every packet
+    from the keyframe of each of `frames` to that frame.
+
+    A view keeps tens of packets, too few for numpy to beat a loop: numpy finds the GOPs and gathers the
+    kept packets' offsets and sizes, a loop assembles the stream.
+    """
     frames = np.asarray(frames, dtype=np.int64)
-    n = len(packets.spans)
-    if frames.min() < 0 or frames.max() >= n:
-        raise ValueError(f"frames {frames.min()}..{frames.max()} outside the video's {n} frames")
-    keyframes = np.flatnonzero(packets.keyframe)
-    gop_of = keyframes[np.searchsorted(keyframes, np.arange(n), side="right") - 1]
-    last = {}                                    # GOP start -> last needed frame in it
-    for f in np.unique(frames).tolist():
-        last[int(gop_of[f])] = f
-    kept = np.concatenate([np.arange(start, stop + 1) for start, stop in sorted(last.items())])
-    position = np.full(n, -1)
-    position[kept] = np.arange(len(kept))
-    header = struct.pack("<4sHH4sHHIII4x", b"DKIF", 0, 32, packets.fourcc, packets.width, packets.height,
-                         1, 1, len(kept))
-    parts = [header]
-    for i, k in enumerate(kept.tolist()):
-        offset, size = packets.spans[k]
-        parts += [struct.pack("<IQ", size, i), packets.data[offset:offset + size]]
-    return b"".join(parts), position[frames]
+    needed, gop = table.gops_of(frames)
+    last = dict(zip(table.keyframes[gop].tolist(), needed.tolist()))   # GOP's keyframe -> last needed frame
+    kept = [k for first, stop in last.items() for k in range(first, stop + 1)]
+    views = [memoryview(piece) for piece in pieces]
+    parts = [struct.pack("<4sHH4sHHIII4x", b"DKIF", 0, 32, table.fourcc, table.width, table.height, 1, 1, len(kept))]
+    i = 0
+    for pts, (offset, size) in enumerate(zip(table.offset[kept].tolist(), table.size[kept].tolist())):
+        while i + 1 < len(starts) and starts[i + 1] <= offset:
+            i += 1
+        begin = offset - starts[i]
+        if begin < 0 or begin + size > len(views[i]):
+            raise ValueError(f"the bytes read do not hold frame {kept[pts]}'s packet")
+        parts += [_IVF_FRAME.pack(size, pts), views[i][begin:begin + size]]
+    position = {frame: pts for pts, frame in enumerate(kept)}
+    return b"".join(parts), np.array([position[f] for f in frames.tolist()], dtype=np.int64)

@@ -7,6 +7,22 @@ shard become one byte-range read (a whole shard, or the part of it this rank own
 of threads a few reads ahead and delivered in plan order, so the stream is deterministic for a seed
 however the reads finish. DALI's own webdataset reader is not used because it cannot read s3://.
 
+Two read modes (docs/pipelines.md, "Reading shards"):
+  whole  `ShardReader(index)(rows)`: each row's whole member, checked against the index's sha256.
+  GOPs   `ShardReader(index).read_gops((row, frames) ...)`: where the index holds the row's packet table
+         (`gops.PacketTable`, written by the shard job or `python -m shards.upgrade`), only the GOPs that
+         `frames` (every frame the row's views need) sit in, as a few byte ranges merged where closer than
+         `gap`, each GOP checked against its crc32; a row without a table comes back whole, as above.
+
+What the loader's stages call:
+  fetch  `reader.read_gops(requests)` -> (row, MemberParts | bytes | SampleError), in request order;
+         `len(parts.pieces)` ranges and `parts.nbytes` bytes were read for a row (bytes: `len(data)`).
+  cut    per view: `parts.cut(view_frames)` -> (IVF bytes, positions); for whole bytes, as before,
+         `gops.webm_packets(data)` and `gops.cut(packets, view_frames)` (None: feed the bytes uncut).
+  mode   `gop_reads_win(index)`: the measured default (GOP reads on local disks, whole reads on object storage).
+  note   `packet_table_note(index)`: None, or the one line to print once when the index lacks packet tables
+         (shards written before them: they load whole and are parsed at load, as before).
+
 Epoch policy (every rank gets the same number of batches; see docs/pipelines.md):
   train: shards in a seeded per-epoch order, rows in shard order, cut into `world_size` contiguous equal
          parts; the few rows past an equal split and past the last full batch are left out of this epoch
@@ -18,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import posixpath
 import tarfile
 import time
@@ -28,12 +45,18 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipelines.gops import FOURCC, MemberParts, PacketTable, byte_ranges, corrupt_gops
 
 INDEX_FILE = "index.parquet"
 CLASSES_FILE = "classes.txt"
 _COLUMNS = ("key", "label", "label_name", "shard", "offset", "size", "ext", "num_frames", "fps", "width", "height",
             "codec", "sha256")
+PACKET_COLUMNS = ("frame_size", "frame_gap", "keyframes", "gop_crc32")   # docs/shard_format.md; may be absent
+DEFAULT_GAP = 32 << 10      # GOP reads: ranges at most this far apart are read as one (docs/pipelines.md)
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -63,13 +86,16 @@ class ShardIndex:
             raise FileNotFoundError(_no_index(self.fs, url, path, split))
         self.url, self.root = url, posixpath.dirname(path)
         with self.fs.open(index, "rb") as f:
-            table = pq.read_table(f, columns=list(_COLUMNS))
+            present = pq.read_schema(f).names
+            f.seek(0)
+            table = pq.read_table(f, columns=list(_COLUMNS) + [c for c in PACKET_COLUMNS if c in present])
         if table.num_rows == 0:
             raise ValueError(f"{index} lists no samples; was every video of this split a failure? "
                              f"(see failures.parquet beside the split folders)")
         self.columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in _COLUMNS}
         self._check_shards(index)
         self.keys = self.columns["key"]
+        self.packets = PacketColumns(table) if set(PACKET_COLUMNS) <= set(table.column_names) else None
         self.class_names = self._read_classes()
 
     def _check_shards(self, index: str) -> None:
@@ -100,6 +126,66 @@ class ShardIndex:
 
     def shard_path(self, row: int) -> str:
         return posixpath.join(self.root, self.columns["shard"][row])
+
+    def packet_table(self, row: int) -> PacketTable | None:
+        """The row's packet table; None for indexes or rows without one (shards written before it, not WebM)."""
+        fourcc = FOURCC.get(self.columns["codec"][row])
+        if self.packets is None or fourcc is None:
+            return None
+        return self.packets.table(row, fourcc, int(self.columns["width"][row]), int(self.columns["height"][row]))
+
+    @property
+    def without_packet_table(self) -> int:
+        """VP8/VP9 videos whose rows hold no packet table: these load whole and are parsed at load."""
+        webm = np.isin(self.columns["codec"], list(FOURCC))
+        if self.packets is None:
+            return int(webm.sum())
+        return int((webm & ~self.packets.present).sum())
+
+
+class PacketColumns:
+    """The index's packet tables as flat numpy arrays, one per column: the values of all rows end to end and
+    where each row's begin. 6 bytes per frame (uint32 size, uint16 gap) and 8 per GOP, and no Python object
+    per row or frame (docs/shard_format.md gives the figure per 1000 videos)."""
+
+    def __init__(self, table: pa.Table):
+        self.values, self.bounds = {}, {}
+        for name in PACKET_COLUMNS:
+            column = table.column(name)
+            column = column.cast(pa.large_list(column.type.value_type)).combine_chunks()
+            self.bounds[name] = column.offsets.to_numpy()
+            self.values[name] = column.values.to_numpy()
+        first = PACKET_COLUMNS[0]
+        self.present = table.column(first).is_valid().to_numpy(zero_copy_only=False) & (np.diff(self.bounds[first]) > 0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.values.values(), *self.bounds.values(), self.present))
+
+    def table(self, row: int, fourcc: bytes, width: int, height: int) -> PacketTable | None:
+        if not self.present[row]:
+            return None
+        size, gap, keyframes, crc = (self.values[name][self.bounds[name][row]:self.bounds[name][row + 1]]
+                                     for name in PACKET_COLUMNS)
+        return PacketTable(np.cumsum(gap + size, dtype=np.int64) - size, size, keyframes, crc, fourcc, width, height)
+
+
+def gop_reads_win(index: ShardIndex) -> bool:
+    """Whether reading only the GOPs a view needs beats reading whole members, for this index: it must hold
+    packet tables, and live on a local (or mounted) disk. Through s3fs each range is an HTTP request that
+    costs about 5 ms of client CPU (measured on moto), against 1 to 4 ms per MB for a whole-member read of
+    up to 16 MB, so on object storage the 8 ranges of a TSN-8 view cost far more than the bytes they save."""
+    return index.packets is not None and isinstance(index.fs, LocalFileSystem)
+
+
+def packet_table_note(index: ShardIndex) -> str | None:
+    """The one line a loader prints when some videos of the index have no packet table (None when all do)."""
+    missing = index.without_packet_table
+    if not missing:
+        return None
+    return (f"{missing} of {len(index)} videos in {index.url} have no packet table in the index (shards written "
+            f"before it), so they are read whole and parsed at load; `python -m shards.upgrade {index.root}` adds "
+            "it without re-encoding (or reshard), and loading reads only the GOPs a view needs")
 
 
 def _no_index(fs, url: str, path: str, split: str | None) -> str:
@@ -150,12 +236,51 @@ def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator) -> Ite
 
 # ---------------------------------------------------------------- reading
 
+def fetch_ranges(fs, paths: list[str], starts: list[int], ends: list[int], retries: int,
+                 backoff_s: float) -> list[bytes | Exception]:
+    """The byte ranges, with the reader's policy for storage errors: a range that fails is retried `retries`
+    times with doubling waits (object stores drop connections under load), except a permanent error (a
+    missing file). Per range: its bytes, or the error that outlasted the retries."""
+    out: list = [None] * len(paths)
+    todo = list(range(len(paths)))
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        got = _cat_ranges(fs, [paths[i] for i in todo], [starts[i] for i in todo], [ends[i] for i in todo])
+        for i, data in zip(todo, got):
+            out[i] = data
+        todo = [i for i in todo if isinstance(out[i], Exception) and not isinstance(out[i], _PERMANENT)]
+        if not todo:
+            break
+    return out
+
+
+def _cat_ranges(fs, paths: list[str], starts: list[int], ends: list[int]) -> list[bytes | Exception]:
+    """`fs.cat_ranges` (s3fs sends the ranges concurrently), except on a local disk: there fsspec opens the
+    file again for every range, which costs twice the CPU of reading a GOP, so each file is opened once."""
+    if not isinstance(fs, LocalFileSystem):
+        return fs.cat_ranges(paths, starts, ends, on_error="return")
+    out: list = []
+    for path, indices in itertools.groupby(range(len(paths)), key=paths.__getitem__):
+        indices = list(indices)
+        until = len(out) + len(indices)
+        try:
+            with fs.open(path, "rb") as f:
+                for i in indices:
+                    f.seek(starts[i])
+                    out.append(f.read(ends[i] - starts[i]))
+        except Exception as e:  # noqa: BLE001 - returned per range, like cat_ranges(on_error="return")
+            out += [e] * (until - len(out))
+    return out
+
+
 @dataclass(frozen=True)
 class _Read:
     path: str
     start: int
     end: int
     rows: tuple[int, ...]
+    frames: tuple          # per row: the frames its views need (GOP reads), or None (whole reads)
 
 
 class ShardReader:
@@ -163,67 +288,103 @@ class ShardReader:
 
     A storage error is retried `retries` times with doubling waits (object stores drop connections
     under load); one that outlasts them, or a missing shard, fails the rows of that read only. Bytes are
-    checked against the index's size and sha256, so a damaged shard shows up as a named failure.
+    checked against the index's size and sha256 (whole members) or each GOP's crc32 (`read_gops`), so a
+    damaged shard shows up as a named failure.
     """
 
     def __init__(self, index: ShardIndex, readers: int = 8, read_bytes: int = 16 << 20, retries: int = 4,
-                 backoff_s: float = 0.2, verify: bool = True):
+                 backoff_s: float = 0.2, verify: bool = True, gap: int = DEFAULT_GAP):
         self.index, self.readers, self.read_bytes = index, readers, read_bytes
-        self.retries, self.backoff_s, self.verify = retries, backoff_s, verify
+        self.retries, self.backoff_s, self.verify, self.gap = retries, backoff_s, verify, gap
 
     def __call__(self, rows: Iterable[int]) -> Iterator[tuple[int, bytes | SampleError]]:
-        reads = self._plan_reads(rows)
+        return self._pipelined(self._plan_reads((row, None) for row in rows), self._fetch)
+
+    def read_gops(self, requests: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, MemberParts | bytes | SampleError]]:
+        """(row, what was read), in the order of `requests` = (row, every frame its views need): the GOPs those
+        frames sit in (`MemberParts`, cut per view with `.cut(frames)`), or the whole member where the row
+        has no packet table. A GOP that fails its crc32 fails the row ("verify"), so it is never decoded."""
+        return self._pipelined(self._plan_reads(requests), self._fetch_gops)
+
+    def _pipelined(self, reads: Iterator[_Read], fetch) -> Iterator[tuple[int, object]]:
         with ThreadPoolExecutor(self.readers, thread_name_prefix="shard-reader") as pool:
             ahead: deque = deque()
             for read in reads:
-                ahead.append(pool.submit(self._fetch, read))
+                ahead.append(pool.submit(fetch, read))
                 if len(ahead) >= 2 * self.readers:
                     yield from ahead.popleft().result()
             while ahead:
                 yield from ahead.popleft().result()
 
-    def _plan_reads(self, rows: Iterable[int]) -> Iterator[_Read]:
-        """Group consecutive rows of one shard into reads of at most `read_bytes` (one row may exceed it)."""
+    def _plan_reads(self, requests: Iterable[tuple[int, np.ndarray | None]]) -> Iterator[_Read]:
+        """Group consecutive rows of one shard into reads spanning at most `read_bytes` (one row may exceed it)."""
         offset, size = self.index["offset"], self.index["size"]
-        group: list[int] = []
-        for row in rows:
+        group: list[tuple[int, np.ndarray | None]] = []
+        for row, frames in requests:
             row = int(row)
-            if group and (self.index["shard"][row] != self.index["shard"][group[0]]
-                          or offset[row] < offset[group[-1]]
-                          or offset[row] + size[row] - offset[group[0]] > self.read_bytes):
+            if group and (self.index["shard"][row] != self.index["shard"][group[0][0]]
+                          or offset[row] < offset[group[-1][0]]
+                          or offset[row] + size[row] - offset[group[0][0]] > self.read_bytes):
                 yield self._read(group)
                 group = []
-            group.append(row)
+            group.append((row, frames))
         if group:
             yield self._read(group)
 
-    def _read(self, group: list[int]) -> _Read:
+    def _read(self, group: list[tuple[int, np.ndarray | None]]) -> _Read:
         offset, size = self.index["offset"], self.index["size"]
-        return _Read(self.index.shard_path(group[0]), int(offset[group[0]]),
-                     int(offset[group[-1]] + size[group[-1]]), tuple(group))
+        first, last = group[0][0], group[-1][0]
+        return _Read(self.index.shard_path(first), int(offset[first]), int(offset[last] + size[last]),
+                     tuple(row for row, _ in group), tuple(frames for _, frames in group))
 
     def _fetch(self, read: _Read) -> list[tuple[int, bytes | SampleError]]:
-        try:
-            blob = self._cat(read)
-        except FileNotFoundError:
-            error = SampleError("fetch", f"{read.path} is missing; restore it, or {self._reshard(read.rows[0])}")
-            return [(row, error) for row in read.rows]
-        except Exception as e:  # noqa: BLE001 - any storage failure fails these rows, not the epoch
-            error = SampleError("fetch", f"{read.path} bytes {read.start}-{read.end}: {type(e).__name__}: {e} "
-                                         f"(still failing after {self.retries} retries)")
+        (blob,) = fetch_ranges(self.index.fs, [read.path], [read.start], [read.end], self.retries, self.backoff_s)
+        if isinstance(blob, Exception):
+            error = self._fetch_error(read.path, read.rows[0], blob, read.start, read.end)
             return [(row, error) for row in read.rows]
         return [(row, self._check(row, blob, read.start)) for row in read.rows]
 
-    def _cat(self, read: _Read) -> bytes:
-        for attempt in range(self.retries + 1):
-            try:
-                return self.index.fs.cat_file(read.path, start=read.start, end=read.end)
-            except _PERMANENT:
-                raise
-            except Exception:
-                if attempt == self.retries:
-                    raise
-                time.sleep(self.backoff_s * 2 ** attempt)
+    def _fetch_gops(self, read: _Read) -> list[tuple[int, MemberParts | bytes | SampleError]]:
+        """One `cat_ranges` for the read's rows: their GOP ranges, or whole members where a row has no table."""
+        tables = [self._table(row, frames) for row, frames in zip(read.rows, read.frames)]
+        ranges = [byte_ranges(table, frames, self.gap) if table is not None else ([0], [int(self.index["size"][row])])
+                  for row, frames, table in zip(read.rows, read.frames, tables)]
+        bases = [int(self.index["offset"][row]) for row in read.rows]
+        starts = [base + s for base, (row_starts, _) in zip(bases, ranges) for s in row_starts]
+        ends = [base + e for base, (_, row_ends) in zip(bases, ranges) for e in row_ends]
+        got = iter(fetch_ranges(self.index.fs, [read.path] * len(starts), starts, ends, self.retries, self.backoff_s))
+        out = []
+        for row, frames, table, base, (row_starts, row_ends) in zip(read.rows, read.frames, tables, bases, ranges):
+            pieces = [next(got) for _ in row_starts]
+            out.append((row, self._check_gops(row, frames, table, base, row_starts, row_ends, pieces)))
+        return out
+
+    def _table(self, row: int, frames: np.ndarray | None) -> PacketTable | None:
+        """The row's packet table, unless it cannot serve `frames` (then the row is read whole, cut as before)."""
+        table = self.index.packet_table(row)
+        if table is None or frames is None or np.max(frames) >= table.num_frames:
+            return None
+        return table
+
+    def _check_gops(self, row: int, frames, table: PacketTable | None, base: int, starts: list[int],
+                    ends: list[int], pieces: list) -> MemberParts | bytes | SampleError:
+        for start, end, piece in zip(starts, ends, pieces):
+            if isinstance(piece, Exception):
+                return self._fetch_error(self.index.shard_path(row), row, piece, base + start, base + end)
+            if len(piece) != end - start:
+                return SampleError("fetch", self._short(row, start + len(piece)))
+        if table is None:
+            return self._check(row, pieces[0], base)
+        bad = corrupt_gops(table, starts, pieces, frames) if self.verify else []
+        if bad:
+            return SampleError("verify", self._gop_mismatch(row, table, bad))
+        return MemberParts(table, starts, pieces)
+
+    def _fetch_error(self, path: str, row: int, error: Exception, start: int, end: int) -> SampleError:
+        if isinstance(error, FileNotFoundError):
+            return SampleError("fetch", f"{path} is missing; restore it, or {self._reshard(row)}")
+        return SampleError("fetch", f"{path} bytes {start}-{end}: {type(error).__name__}: {error} "
+                                    f"(still failing after {self.retries} retries)")
 
     def _check(self, row: int, blob: bytes, start: int) -> bytes | SampleError:
         begin = int(self.index["offset"][row]) - start
@@ -255,6 +416,16 @@ class ShardReader:
             return (f"{member} in {path} fails its sha256 and no longer parses as the indexed video: the tar is "
                     f"damaged; restore it from a good copy, or {self._reshard(row)}")
         return f"{path} holds a complete {member} with other bytes than the index's: {self._other_run(row)}"
+
+    def _gop_mismatch(self, row: int, table: PacketTable, bad: list[int]) -> str:
+        path, member = self.index.shard_path(row), self._member(row)
+        misplaced = self._misplaced(row)
+        if misplaced:
+            return f"{path} {misplaced}: {self._other_run(row)}"
+        starts, ends = table.gop_spans
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return (f"{member} in {path} fails the crc32 of GOP {bad[0]} (its bytes {starts[bad[0]]}-{ends[bad[0]]}){more}: "
+                f"the tar is damaged; restore it from a good copy, or {self._reshard(row)}")
 
     def _misplaced(self, row: int) -> str | None:
         """What the tar holds where the index puts `row`'s member, unless it is that member (by its header)."""

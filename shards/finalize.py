@@ -19,6 +19,9 @@ import pyarrow.parquet as pq
 from . import storage
 from .plan import Plan, ShardSpec
 
+# A WebM member's packet table (null for other members): per frame its packet's size and the container bytes
+# before it, the frames that start a GOP, and per GOP a crc32 of its bytes (docs/shard_format.md).
+PACKET_COLUMNS = ("frame_size", "frame_gap", "keyframes", "gop_crc32")
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("label", pa.int32()), ("label_name", pa.string()),
     ("shard", pa.string()), ("offset", pa.int64()), ("size", pa.int64()), ("ext", pa.string()),
@@ -26,6 +29,8 @@ INDEX_SCHEMA = pa.schema([
     ("duration", pa.float64()), ("codec", pa.string()), ("gop", pa.int32()), ("source", pa.string()),
     ("time_start", pa.float64()), ("time_end", pa.float64()), ("sha256", pa.string()),
     ("notes", pa.list_(pa.string())),
+    ("frame_size", pa.list_(pa.uint32())), ("frame_gap", pa.list_(pa.uint16())), ("keyframes", pa.list_(pa.uint32())),
+    ("gop_crc32", pa.list_(pa.uint32())),
 ])
 FAILURE_SCHEMA = pa.schema([("source", pa.string()), ("split", pa.string()), ("stage", pa.string()),
                             ("reason", pa.string()), ("key", pa.string())])

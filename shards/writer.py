@@ -4,7 +4,11 @@ Samples are streamed: each clip is written to the tar as soon as it is added, so
 never the shard. The writer records where every member's data starts while writing, which gives both
 DALI's `.idx` (no second pass with `tar --list` as DALI's wds2idx does) and the Parquet index's
 byte ranges: a range read of (offset, size) on the shard returns exactly the stored video file, so a
-loader can fetch one sample from object storage without reading the tar.
+loader can fetch one sample from object storage without reading the tar. A WebM member's row also holds its
+packet table (where each frame's packet and each GOP sit, and a crc32 per GOP), so a loader can read and
+cut just the GOPs a view needs without parsing the file. The table comes from `pipelines.gops`, the one
+reader of the WebM layout the loader cuts; that module imports numpy and the standard library only (and
+`pipelines/__init__` nothing), so the job's workers do not pay for DALI or torch.
 """
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ import json
 import tarfile
 from typing import IO
 
+import numpy as np
+from pipelines.gops import packet_table
+
+from .finalize import PACKET_COLUMNS
 from .records import Clip, VideoRecord
 
 DALI_INDEX_VERSION = "v1.2"   # what nvidia.dali's wds2idx writes and fn.readers.webdataset reads
@@ -47,6 +55,20 @@ def sample_metadata(record: VideoRecord, clip: Clip) -> dict:
         "duration": clip.duration, "source": record.source, "time_start": record.time_start,
         "time_end": record.time_end, "codec": clip.codec, "gop": clip.gop, "notes": list(clip.notes),
     }
+
+
+def packet_columns(ext: str, data: bytes) -> dict:
+    """A member's packet-table columns of the index (docs/shard_format.md); nulls unless it is a WebM the
+    loader can cut. Offsets are stored as the gaps between packets (container headers: a few bytes), which
+    cost a quarter of the offsets on disk; a member whose gaps or size do not fit the columns gets no table."""
+    table = packet_table(data) if ext == "webm" and len(data) < 1 << 32 else None
+    if table is None:
+        return dict.fromkeys(PACKET_COLUMNS)
+    gap = table.offset - np.append(0, table.offset[:-1] + table.size[:-1])
+    if gap.max() >= 1 << 16:
+        return dict.fromkeys(PACKET_COLUMNS)
+    return {"frame_size": table.size.tolist(), "frame_gap": gap.tolist(), "keyframes": table.keyframes.tolist(),
+            "gop_crc32": table.gop_crc32.tolist()}
 
 
 class ShardWriter:
@@ -88,7 +110,7 @@ class ShardWriter:
         self._samples.append(entries)
         _, offset, size, _ = entries[0]
         row = {**meta, "shard": self.shard, "offset": offset, "size": size, "ext": clip.ext,
-               "sha256": hashlib.sha256(clip.data).hexdigest()}
+               "sha256": hashlib.sha256(clip.data).hexdigest(), **packet_columns(clip.ext, clip.data)}
         self.rows.append(row)
         return row
 

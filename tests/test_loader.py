@@ -242,17 +242,17 @@ def test_streams_from_an_s3_bucket_like_from_disk(shards, device):
 
 
 class FlakyFileSystem(LocalFileSystem):
-    """Local disk whose first range reads fail like a dropped object-store connection."""
+    """Local disk whose first opens fail like a dropped object-store connection."""
 
     def __init__(self, failures: int):
         super().__init__()
         self.failures = failures
 
-    def cat_file(self, path, start=None, end=None, **kwargs):
+    def _open(self, path, *args, **kwargs):
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionResetError("connection reset by peer")
-        return super().cat_file(path, start=start, end=end, **kwargs)
+        return super()._open(path, *args, **kwargs)
 
 
 def test_transient_storage_errors_are_retried(shards, device):
