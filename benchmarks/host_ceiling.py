@@ -15,8 +15,9 @@ users of a shared machine falls on all of them alike.
 The baseline is the loader of commit `--baseline` (the one before the loader became plan + stages),
 extracted with `git archive` and timed the same way through its `_host_batches`.
 
-Read modes: "whole" reads each video's whole tar member (the only one so far); a mode that reads only the
-GOPs a view needs is one more entry of READ_MODES, the loader options that select it.
+Read modes (READ_MODES, the loader options that select them): "whole" reads each video's whole tar member
+and checks its sha256; "GOPs" reads only the GOPs the views need, from the packet table in the index, and
+checks each GOP's crc32 (docs/pipelines.md, "Read modes"). The baseline reads whole members.
 
 Writes docs/host_ceiling.md (or --doc), one section per machine kind.
 """
@@ -42,7 +43,7 @@ WORKLOADS = {
     "dense 32x2": {"sampling": "dense", "num_frames": 32, "stride": 2, "layout": "BCTHW"},
 }
 TARGETS = {"TSN-8": 0.3, "dense 32x2": 0.5}      # CPU ms per clip, issue #14
-READ_MODES = {"whole": {}}
+READ_MODES = {"whole": {"gop_reads": False}, "GOPs": {"gop_reads": True}}
 TITLE = ("# Host ceiling\n\nCPU per clip of VideoLoader's host stages (plan, fetch, verify, cut, batch arrays: "
          "everything before the DALI call) with no decoder, and the loader before it became plan + stages, in the "
          "same run. Written by `python -m benchmarks.host_ceiling`; see docs/pipelines.md, \"Host cost\".\n")
@@ -59,14 +60,25 @@ def child(spec: dict) -> dict:
     loader = VideoLoader(spec["shards"], spec["batch_size"], split="train", crop_size=224, short_side=(256, 320),
                          **spec["options"])
     read = {"bytes": 0}
-    fs = loader.index.fs
-    cat_file = fs.cat_file
+    import pipelines.source as source
 
-    def counted(path, start=None, end=None, **kwargs):
-        data = cat_file(path, start=start, end=end, **kwargs)
-        read["bytes"] += len(data)
-        return data
-    fs.cat_file = counted                     # this process's reads; reader processes count their own
+    if hasattr(source, "fetch_ranges"):       # every read of this commit's ShardReader, whole or GOPs
+        fetch_ranges = source.fetch_ranges
+
+        def counted(*args):
+            got = fetch_ranges(*args)
+            read["bytes"] += sum(len(data) for data in got if isinstance(data, bytes))
+            return got
+        source.fetch_ranges = counted
+    else:                                     # the baseline's reads go through cat_file
+        fs = loader.index.fs
+        cat_file = fs.cat_file
+
+        def counted(path, start=None, end=None, **kwargs):
+            data = cat_file(path, start=start, end=end, **kwargs)
+            read["bytes"] += len(data)
+            return data
+        fs.cat_file = counted                 # this process's reads; reader processes count their own
 
     def epoch(e: int) -> int:
         if hasattr(loader, "host_batches"):
@@ -95,7 +107,7 @@ class DaliSample:
         self.plans: dict = {}
 
     def __call__(self, info):
-        from pipelines.fetch import prepared
+        from pipelines.fetch import prepared, read_whole
         from pipelines.plan import EpochPlan
         from pipelines.source import ShardIndex, ShardReader
 
@@ -110,7 +122,8 @@ class DaliSample:
         if info.idx_in_epoch >= plan.num_batches * self.batch_size:
             raise StopIteration
         views = plan.views_at(np.array([info.idx_in_epoch]))
-        (one,) = prepared(self.reader([int(views.rows[0])]), iter([views.frames]), lambda: True, plan.media)
+        (one,) = prepared(self.reader([int(views.rows[0])]), iter([views.frames]), lambda: True, plan.media,
+                          lambda row: read_whole(self.reader, row))
         return np.frombuffer(one.encoded[0], np.uint8), one.frames[0].astype(np.int32), views.roi[0]
 
 
@@ -217,8 +230,8 @@ def section(a, load: tuple, shards_info: str, lines: list[str], stages: list[str
     if stages:
         out += ["### Per stage, one core", "",
                 "CPU ms per clip with one stage turned off at a time (`verify=False`, `cut_gops=False`), one core, "
-                "the same for both loaders: what is left with both off is reading the bytes, the plan and the "
-                "batches.", "",
+                "whole reads, the same for both loaders: what is left with both off is reading the bytes, the plan "
+                "and the batches.", "",
                 "| workload | loader | all stages | verify | GOP cut | rest (read, plan, batches) |",
                 "|---|---|---|---|---|---|", *stages, ""]
     return "\n".join(out)
@@ -269,16 +282,16 @@ def main(argv=None) -> None:
             for mode, mode_options in READ_MODES.items():
                 configs = []       # (loader, code, readers, cores, options, in DALI's workers)
                 for cores in a.cores or core_counts():
-                    if "baseline" in a.loaders:
+                    if "baseline" in a.loaders and mode == "whole":
                         configs.append(("baseline", old, "8 threads", cores, {}, False))
                     if "threads" in a.loaders:
                         configs.append(("ours", REPO, "8 threads", cores, mode_options, False))
                     if "processes" in a.loaders:
                         configs.append(("ours", REPO, f"{cores} processes", cores,
                                         {**mode_options, "readers": cores, "reader_processes": True}, False))
-                    if "dali" in a.loaders and not mode_options:   # DALI's worker processes run our stages per sample
+                    if "dali" in a.loaders and mode == "whole":   # DALI's worker processes run our stages per sample
                         configs.append(("ours in DALI's parallel external_source", REPO, f"{cores} processes", cores,
-                                        {}, True))
+                                        mode_options, True))
                 got = {i: [] for i in range(len(configs))}
                 for _ in range(a.rounds):
                     for i, (_, code, _, cores, options, dali) in enumerate(configs):
@@ -300,8 +313,10 @@ def main(argv=None) -> None:
                 costs = {}
                 for label, options in (("all", {}), ("no verify", {"verify": False}), ("no cut", {"cut_gops": False}),
                                        ("neither", {"verify": False, "cut_gops": False})):
+                    whole = READ_MODES["whole"] if who == "ours" else {}    # the baseline reads whole members only
                     costs[label] = np.median([1000 * r["cpu_s"] / r["clips"] for r in
-                                              (run(code, {**base, "cores": 1, "options": {**workload, **options}})
+                                              (run(code, {**base, "cores": 1,
+                                                          "options": {**workload, **whole, **options}})
                                                for _ in range(a.rounds))])
                 stages.append(f"| {name} | {who} | {costs['all']:.2f} | {costs['all'] - costs['no verify']:.2f} | "
                               f"{costs['all'] - costs['no cut']:.2f} | {costs['neither']:.2f} |")

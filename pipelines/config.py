@@ -65,6 +65,7 @@ class LoaderConfig:
     max_failures: int | float = 100              # per epoch and rank: a count, or a fraction of the samples read
     verify: bool = True                          # check each video's bytes against the index's sha256
     cut_gops: bool = True                        # decode only the GOPs a view needs (`gops.py`)
+    gop_reads: bool | None = None                # read only those GOPs' bytes; None: where it wins (`source.gop_reads_win`)
 
     def __post_init__(self):
         if self.device not in ("cpu", "gpu"):

@@ -13,19 +13,22 @@ send the cut bytes back through a pipe: the parse then runs on every core, at th
 (docs/pipelines.md, "Host cost", measures both). This module imports neither DALI nor torch: a worker
 process starts with numpy, fsspec and pyarrow only.
 
-Reading only the GOPs a view needs changes `prepared` alone: it gets each row's views' frames already.
+With `gop_reads`, a row is read as the GOPs its views' frames sit in (`ShardReader.read_gops`: a few byte
+ranges, each GOP checked against its crc32) and cut from those ranges without a WebM parse; a row whose
+index has no packet table comes back whole and is cut as above.
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.gops import cut, webm_packets
+from pipelines.gops import MemberParts, cut, webm_packets
 from pipelines.source import SampleError, ShardIndex, ShardReader
 
 CHUNK_ROWS = 8     # rows per reader-process task: up to 8 consecutive videos of a shard, one read
@@ -45,16 +48,23 @@ class Fetched:
         return None if self.failure is None else SampleError(*self.failure)
 
 
-def prepared(fetched: Iterator[tuple[int, bytes | SampleError]], frames: Iterator[np.ndarray | None], cut_gops,
-             media: str) -> Iterator[Fetched]:
+def prepared(fetched: Iterator[tuple[int, MemberParts | bytes | SampleError]], frames: Iterator[np.ndarray | None],
+             cut_gops, media: str, whole: Callable[[int], bytes | SampleError]) -> Iterator[Fetched]:
     """Each fetched row with its views cut: `frames` gives, row by row, the frames of every view of it
-    (views, T), or None for images; `cut_gops()` says whether to cut."""
+    (views, T), or None for images; `cut_gops()` says whether to cut; `whole(row)` reads a row's member
+    again when it came as GOP ranges but cuts have stopped (a decoder rejected one mid-epoch)."""
     for (row, data), views in zip(fetched, frames):
+        if isinstance(data, MemberParts) and not cut_gops():
+            data = whole(row)
         if isinstance(data, SampleError):
             yield Fetched(row, failure=(data.stage, data.reason))
             continue
         if views is None:
             yield Fetched(row, (data,), (None,), (False,))
+            continue
+        if isinstance(data, MemberParts):      # read for these views: every one of them can be cut
+            pieces = [data.cut(wanted) for wanted in views]
+            yield Fetched(row, tuple(one for one, _ in pieces), tuple(at for _, at in pieces), (True,) * len(views))
             continue
         packets = webm_packets(data) if cut_gops() and media == "video" else None
         encoded, local, was_cut = [], [], []
@@ -67,12 +77,27 @@ def prepared(fetched: Iterator[tuple[int, bytes | SampleError]], frames: Iterato
         yield Fetched(row, tuple(encoded), tuple(local), tuple(was_cut))
 
 
+def fetched(reader: ShardReader, reads: np.ndarray, frames: Iterator[np.ndarray | None], gop_reads: bool):
+    """`prepared`'s input: (row, what was read) for `reads`, and each row's views' frames, in read order."""
+    if not gop_reads:
+        return reader(reads), frames
+    frames, wanted = itertools.tee(frames)
+    return reader.read_gops(zip(reads.tolist(), (None if f is None else f.ravel() for f in wanted))), frames
+
+
+def read_whole(reader: ShardReader, row: int) -> bytes | SampleError:
+    ((_, data),) = reader([row])
+    return data
+
+
 class Fetcher:
     """The fetch stage of a loader: `prepared` over an epoch's reads, in this process or in reader processes."""
 
-    def __init__(self, reader: ShardReader, storage: tuple, readers: int, processes: bool):
-        """`storage` is (url, split, storage options): how a worker process opens the index."""
+    def __init__(self, reader: ShardReader, storage: tuple, readers: int, processes: bool, gop_reads: bool):
+        """`storage` is (url, split, storage options): how a worker process opens the index; `gop_reads`:
+        read the GOPs the views need while cuts are made, else whole members."""
         self.reader, self.storage, self.readers, self.processes = reader, storage, readers, processes
+        self.gop_reads = gop_reads
         self._pool: ProcessPoolExecutor | None = None
 
     def __call__(self, plan, start_batch: int, cut_gops) -> Iterator[tuple[int, Fetched]]:
@@ -82,7 +107,9 @@ class Fetcher:
         if self.processes:
             rows = self._in_processes(plan, reads, cut_gops)
         else:
-            rows = prepared(self.reader(reads), plan.row_frames(reads), cut_gops, plan.media)
+            gop_reads = self.gop_reads and cut_gops()
+            rows = prepared(*fetched(self.reader, reads, plan.row_frames(reads), gop_reads), cut_gops, plan.media,
+                            lambda row: read_whole(self.reader, row))
         return _in_order(((one.row, one) for one in rows), plan.rows_from(start_batch))
 
     def close(self) -> None:
@@ -99,7 +126,9 @@ class Fetcher:
         try:
             for rows in _shard_runs(reads, plan.index["shard"]):
                 chunk = [next(frames) for _ in rows]
-                ahead.append(self._pool.submit(_in_worker, rows.tolist(), chunk, cut_gops(), plan.media))
+                cutting = cut_gops()
+                ahead.append(self._pool.submit(_in_worker, rows, chunk, cutting, self.gop_reads and cutting,
+                                               plan.media))
                 if len(ahead) >= 2 * self.readers:
                     yield from ahead.popleft().result()
             while ahead:
@@ -139,5 +168,6 @@ def _start_worker(url: str, split: str | None, storage_options: dict | None, ver
     _WORKER_READER = ShardReader(ShardIndex(url, split, storage_options), readers=1, verify=verify)
 
 
-def _in_worker(rows: list[int], frames: list, cut_gops: bool, media: str) -> list[Fetched]:
-    return list(prepared(_WORKER_READER(rows), iter(frames), lambda: cut_gops, media))
+def _in_worker(rows: np.ndarray, frames: list, cut_gops: bool, gop_reads: bool, media: str) -> list[Fetched]:
+    return list(prepared(*fetched(_WORKER_READER, rows, iter(frames), gop_reads), lambda: cut_gops, media,
+                         lambda row: read_whole(_WORKER_READER, row)))

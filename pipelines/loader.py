@@ -11,8 +11,9 @@
 An epoch is a plan, then stages:
   plan     `plan.EpochPlan`: the rows, order, views, frames, windows, flips and augmentation draws of this
            rank's epoch, from the index and the seed alone;
-  host     `host`: fetch the bytes (`source.ShardReader`'s threads), cut each view to its GOPs (`gops`),
-           group views into batches with stand-ins for failures; one feeder thread;
+  host     `fetch.Fetcher`: read the bytes (`source.ShardReader`: the GOPs the views need where the index
+           holds packet tables on a local disk, else whole members), cut each view to its GOPs (`gops`);
+           `batches`: group views into batches with stand-ins for failures; one feeder thread;
   decode   `decode.Decoder`, one per DALI pipeline, each in a driver thread: feed, run, hand to torch without
            a copy. Batch k goes to pipeline k % num_pipelines; on the GPU several pipelines keep several
            NVDEC engines busy (one decoder instance feeds one engine);
@@ -41,9 +42,9 @@ from pipelines import video_pipeline as vp
 from pipelines.config import LoaderConfig
 from pipelines.decode import Decoder
 from pipelines.batches import HostBatch, host_batches
-from pipelines.fetch import Fetcher
+from pipelines.fetch import Fetcher, read_whole
 from pipelines.plan import EpochPlan, Views, num_batches
-from pipelines.source import SampleError, ShardIndex, ShardReader, rank_part
+from pipelines.source import SampleError, ShardIndex, ShardReader, gop_reads_win, packet_table_note, rank_part
 from pipelines.state import LoaderError, LoaderState
 
 __all__ = ["CPU_CODECS", "LoaderConfig", "LoaderError", "VideoLoader"]
@@ -88,7 +89,12 @@ class VideoLoader:
             raise ValueError(f"{len(self.index)} samples split over {c.world_size} ranks make no full batch of "
                              f"{c.batch_size}; lower batch_size or world_size")
         self.reader = ShardReader(self.index, readers=c.readers, verify=c.verify)
-        self.fetcher = Fetcher(self.reader, (shards, c.split, c.storage_options), c.readers, c.reader_processes)
+        self.gop_reads = c.cut_gops and self.index.media == "video" and (
+            gop_reads_win(self.index) if c.gop_reads is None else c.gop_reads)
+        if c.cut_gops and self.index.media == "video" and (note := packet_table_note(self.index)):
+            warnings.warn(note)
+        self.fetcher = Fetcher(self.reader, (shards, c.split, c.storage_options), c.readers, c.reader_processes,
+                               self.gop_reads)
         # GPU: a pipeline's decoder feeds one NVDEC engine and an H100 has 7, so run several. CPU: a pipeline
         # per core up to 4, the cores shared out as DALI threads (on 2 cores, 1 x 2, 2 x 1 and 4 x 1 deliver
         # within 5 % of each other: docs/pipeline_throughput.md).
@@ -222,7 +228,7 @@ class VideoLoader:
 
     def _read_again(self, row: int) -> bytes:
         """A video's whole bytes, read again (a GOP cut the decoder rejected is decoded whole)."""
-        ((_, data),) = self.reader([row])
+        data = read_whole(self.reader, row)
         if isinstance(data, SampleError):
             raise data
         return data

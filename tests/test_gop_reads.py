@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from test_loader import FlakyFileSystem
 from test_video_pipeline import loopback_ray, run, run_shard_job
 
@@ -197,6 +198,26 @@ def test_transient_storage_errors_in_gop_reads_are_retried(job):
     assert not [row for row, parts in got if isinstance(parts, SampleError)] and index.fs.failures == 0
 
 
+LOADER = {"batch_size": 2, "num_frames": 8, "crop_size": 48, "short_side": (56, 64), "readers": 2}
+
+
+def test_the_loader_reads_gops_on_a_local_disk_and_delivers_the_batches_of_whole_reads(job):
+    by_gops = VideoLoader(job["output"], split="train", **LOADER)
+    by_whole = VideoLoader(job["output"], split="train", gop_reads=False, **LOADER)
+    assert by_gops.gop_reads and not by_whole.gop_reads
+    read_gops = [b for b in by_gops.host_batches(0)]
+    assert all(all(len(data) < 0.4 * size for data, size in zip(b.encoded, by_gops.index["size"][b.views.rows]))
+               for b in read_gops)                                           # the cuts came from a few GOPs
+    for got, want in zip(by_gops, by_whole, strict=True):
+        assert torch.equal(got["video"], want["video"]) and got["key"] == want["key"] and got["valid"].all()
+
+
+def test_the_loader_reads_whole_members_from_object_storage(job, bucket):
+    url, options = bucket
+    loader = VideoLoader(url, split="train", storage_options=options, **LOADER)
+    assert not loader.gop_reads and len(list(loader)) == 2 and loader.failures == []
+
+
 # ---------------------------------------------------------------- integrity
 
 def test_a_flipped_byte_in_a_read_gop_fails_the_sample_at_verify(job, tmp_path):
@@ -215,6 +236,21 @@ def test_a_flipped_byte_in_a_read_gop_fails_the_sample_at_verify(job, tmp_path):
                             f"{start}-{end}): the tar is damaged; restore it from a good copy, or reshard it: delete "
                             f"{damaged}/_job/done/{index['shard'][1][:-4]}.json and rerun the shard job on this "
                             "output with its arguments")
+
+
+def test_the_loader_records_a_video_whose_read_gop_fails_its_crc32_and_decodes_a_stand_in(job, tmp_path):
+    damaged = str(shutil.copytree(job["output"], tmp_path / "damaged"))
+    loader = VideoLoader(damaged, split="train", **LOADER)
+    plan = loader.plan(0)
+    row = int(plan.reads[0])
+    table = loader.index.packet_table(row)
+    gop = int(table.gops_of(next(plan.row_frames(plan.reads[:1])).ravel())[1][0])
+    start, end = (span[gop] for span in table.gop_spans)
+    flip(damaged, {"shard": loader.index["shard"][row], "offset": int(loader.index["offset"][row])}, (start + end) // 2)
+    batches = list(loader)
+    assert [(f["video_index"], f["stage"]) for f in loader.failures] == [(row, "verify")]
+    assert f"fails the crc32 of GOP {gop}" in loader.failures[0]["reason"]
+    assert sum(int((~b["valid"]).sum()) for b in batches) == 1
 
 
 def test_a_flipped_byte_outside_the_read_gops_does_not_fail_the_read(job, tmp_path):
@@ -246,7 +282,10 @@ def test_old_shards_load_whole_and_the_note_names_the_upgrade(job, tmp_path):
     got = list(ShardReader(index, readers=2).read_gops((row, views(index, row)[0]) for row in range(4)))
     assert got == list(ShardReader(index, readers=2)(range(4)))            # whole members, sha256-checked
     assert all(isinstance(data, bytes) for _, data in got)
-    loader = VideoLoader(old, split="train", batch_size=2, num_frames=4, crop_size=48, short_side=(56, 64), readers=2)
+    with pytest.warns(UserWarning, match=r"^4 of 4 videos .* `python -m shards.upgrade"):
+        loader = VideoLoader(old, split="train", batch_size=2, num_frames=4, crop_size=48, short_side=(56, 64),
+                             readers=2)
+    assert not loader.gop_reads
     batches = list(loader)
     assert len(batches) == 2 and loader.failures == [] and all(b["valid"].all() for b in batches)
 

@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 from test_video_pipeline import loopback_ray, psnr, pyav_frames, run_shard_job
 
 from benchmarks import host_ceiling
-from pipelines import fetch
+from pipelines import gops
 from pipelines import preview
 from pipelines.augment import Augment, ClipParams
 from pipelines.loader import LoaderError, VideoLoader
@@ -351,7 +351,7 @@ def test_a_gop_cut_the_decoder_rejects_is_decoded_whole_and_cutting_stops(shards
     """The GOP cut (pipelines/gops.py) is an optimisation: were a decoder to refuse its streams (NVDEC has
     not been tried on them yet), the epoch must be the one a loader without the cut delivers."""
     whole = batches(load(shards, device=device, cut_gops=False))
-    monkeypatch.setattr(fetch, "cut", lambda packets, frames: (bytes(512), frames))
+    monkeypatch.setattr(gops, "cut_ranges", lambda table, starts, pieces, frames: (bytes(512), frames))
     loader = load(shards, device=device)
     with pytest.warns(UserWarning, match="rejected a GOP-cut stream"):
         got = batches(loader)
