@@ -104,7 +104,7 @@ def test_a_file_that_is_not_a_video_is_refused_in_one_line_after_the_others_resu
     assert sorted(refused) == ["reason", "stage", "video"]
     assert (refused["video"], refused["stage"]) == (made["videos"][2], "probe")
     assert err.strip().splitlines() == [f"error: cannot predict {made['videos'][2]} (probe): not a video but text "
-                                        f"(starts '404 Not Found'), probably an error page saved as the video; "
+                                        f"(ASCII, 14 bytes), probably an error page saved as the video; "
                                         f"download it again"]
 
 

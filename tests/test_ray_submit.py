@@ -55,7 +55,7 @@ def test_demo_submits_the_shard_job_to_a_local_head_and_reports_the_outcome(demo
 def test_train_demo_submits_a_recipe_that_trains_on_two_ray_workers_and_evaluates_every_video(demo):
     assert demo[0].returncode == 0, "the shard demo failed; see the test above"
     data = demo[2]
-    small = ("data.batch_size=2 model.img_size=48 data.options.short_side=[48,56] sched.epochs=2 "
+    small = ("model.num_classes=4 data.batch_size=2 model.img_size=48 data.options.short_side=[48,56] sched.epochs=2 "
              "train.eval_every=0 eval.clips=1 eval.crops=1 eval.orders=[normal,reversed]")
     env = head_env(data) | {"TRAIN_ARGS": small}
     done = subprocess.run(["bash", "infra/train_demo.sh"], cwd=REPO, env=env, capture_output=True, text=True,

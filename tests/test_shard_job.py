@@ -505,6 +505,8 @@ def test_classes_flag_sets_the_label_order_of_datasets_that_take_a_class_list(sa
 
 def test_ctrl_c_ends_with_one_line_on_how_to_resume_exit_130_and_the_lease_released(sample, tmp_path, capsys):
     output, running = tmp_path / "shards", threading.Event()
+    # Ctrl-C as in a fresh process: a Ray Train fit run earlier in this one leaves its own SIGINT handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def press_ctrl_c_after_the_first_commit():
         deadline = time.monotonic() + 120

@@ -73,7 +73,7 @@ def test_two_hosts_shard_to_a_bucket_and_train_through_a_lost_worker(dataset, tm
         run_dir = tmp_path / "tsm-two-nodes"
         overrides = ["data.train.shards=s3://data/shards", "data.val.shards=s3://data/shards",
                      f"data.batch_size={BATCH}", "data.options.readers=1", "data.options.short_side=[48,56]",
-                     "model.img_size=48", f"sched.epochs={EPOCHS}", "sched.warmup_epochs=0",
+                     "model.num_classes=4", "model.img_size=48", f"sched.epochs={EPOCHS}", "sched.warmup_epochs=0",
                      "train.checkpoint_every=1", "train.eval_every=0", "eval.at_end=false",
                      f"ray.address={cluster.address}", "ray.workers=2", "ray.max_failures=1",
                      "ray.storage_path=s3://runs/ray"]
