@@ -87,10 +87,10 @@ def child(spec: dict) -> dict:
 
     epoch(0)
     read["bytes"] = 0
-    cpu, own, wall, clips = _tree_cpu(), time.process_time(), time.perf_counter(), 0
+    cpu, own, wall, clips = process_tree_cpu_seconds(), time.process_time(), time.perf_counter(), 0
     for e in range(1, spec["epochs"] + 1):
         clips += epoch(e)
-    result = {"clips": clips, "cpu_s": _tree_cpu() - cpu, "own_cpu_s": time.process_time() - own,
+    result = {"clips": clips, "cpu_s": process_tree_cpu_seconds() - cpu, "own_cpu_s": time.process_time() - own,
               "wall_s": time.perf_counter() - wall, "bytes": read["bytes"]}
     if hasattr(loader, "close"):
         loader.close()
@@ -155,15 +155,16 @@ def dali_child(spec: dict) -> dict:
         return clips
 
     epoch()
-    cpu, own, wall, clips = _tree_cpu(), time.process_time(), time.perf_counter(), 0
+    cpu, own, wall, clips = process_tree_cpu_seconds(), time.process_time(), time.perf_counter(), 0
     for _ in range(spec["epochs"]):
         clips += epoch()
-    return {"clips": clips, "cpu_s": _tree_cpu() - cpu, "own_cpu_s": time.process_time() - own,
+    return {"clips": clips, "cpu_s": process_tree_cpu_seconds() - cpu, "own_cpu_s": time.process_time() - own,
             "wall_s": time.perf_counter() - wall, "bytes": 0}
 
 
-def _tree_cpu() -> float:
-    """CPU seconds of this process and its children, every thread, from /proc."""
+def process_tree_cpu_seconds() -> float:
+    """CPU seconds of this process and its children (reader, DALI or DataLoader worker processes), every
+    thread, from /proc. Standard library only: it runs in the baseline's child, which has no benchmarks/."""
     me, ticks = os.getpid(), 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.clip_shards import clip_shards
+from benchmarks.host_ceiling import process_tree_cpu_seconds
 from benchmarks.report import write_section
 from contract.inputs import IMAGENET_MEAN, IMAGENET_STD
 from models.layouts import to_super_image
@@ -198,19 +199,6 @@ def monitoring(device: str):
 def endless(loader, make_epoch):
     for epoch in itertools.count():
         yield from make_epoch(loader, epoch)
-
-
-def process_tree_cpu_seconds() -> float:
-    """CPU time of this process and its children (the DataLoader workers), all threads, from /proc."""
-    me, ticks = os.getpid(), 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(pid) == me or int(fields[1]) == me:
-            ticks += int(fields[11]) + int(fields[12])          # utime + stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def window(batches, batch_size: int, warmup: int, measure: int, device: str) -> tuple[float, float]:
