@@ -55,9 +55,9 @@ def bucket(job):
     options = {"key": "test", "secret": "test",
                "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
     fs = s3fs.S3FileSystem(**options)
-    fs.call_s3("create_bucket", Bucket="videos")
-    fs.put(f"{job['output']}/train", "videos/k4/train", recursive=True)
-    yield "s3://videos/k4", options
+    fs.call_s3("create_bucket", Bucket="gop-reads")     # moto keeps buckets per process: a name of its own
+    fs.put(f"{job['output']}/train", "gop-reads/k4/train", recursive=True)
+    yield "s3://gop-reads/k4", options
     server.stop()
 
 
