@@ -118,10 +118,16 @@ FIELDS = tuple(f.name for f in dataclasses.fields(LoaderConfig) if f.name not in
 OPTIONS = FIELDS + CONTRACT_KEYS + AUGMENT_KEYS
 
 
+def nearest_option(key: str) -> str | None:
+    """The option a mistyped `key` most likely meant, if any is close."""
+    near = difflib.get_close_matches(key, OPTIONS, n=1)
+    return near[0] if near else None
+
+
 def unknown_option(key: str, what: str) -> str:
     """The one-line refusal of an option no field takes, naming the nearest one."""
-    near = difflib.get_close_matches(key, OPTIONS, n=1)
-    hint = f"did you mean {near[0]!r}?" if near else f"the options are {', '.join(OPTIONS)}"
+    near = nearest_option(key)
+    hint = f"did you mean {near!r}?" if near else f"the options are {', '.join(OPTIONS)}"
     return f"unknown {what} {key!r}; {hint}"
 
 

@@ -89,9 +89,9 @@ class VideoLoader:
             raise ValueError(f"{len(self.index)} samples split over {c.world_size} ranks make no full batch of "
                              f"{c.batch_size}; lower batch_size or world_size")
         self.reader = ShardReader(self.index, readers=c.readers, verify=c.verify)
-        self.gop_reads = c.cut_gops and self.index.media == "video" and (
-            gop_reads_win(self.index) if c.gop_reads is None else c.gop_reads)
-        if c.cut_gops and self.index.media == "video" and (note := packet_table_note(self.index)):
+        cutting = c.cut_gops and self.index.media == "video"
+        self.gop_reads = cutting and (gop_reads_win(self.index) if c.gop_reads is None else c.gop_reads)
+        if cutting and (note := packet_table_note(self.index)):
             warnings.warn(note)
         self.fetcher = Fetcher(self.reader, (shards, c.split, c.storage_options), c.readers, c.reader_processes,
                                self.gop_reads)

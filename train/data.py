@@ -20,14 +20,13 @@ set_epoch takes `start_batch` jumps there directly; any other is advanced by rea
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 
 import torch
 
 from contract.inputs import InputContract
-from pipelines.config import CONTRACT_KEYS, OPTIONS, LoaderConfig, contract_of
+from pipelines.config import CONTRACT_KEYS, OPTIONS, LoaderConfig, contract_of, nearest_option
 from train.config import ConfigError, datasets_of, plugin_loader
 
 SHOWN_CLASSES = 8   # class names an error message lists before "... (N in all)"
@@ -77,8 +76,8 @@ def build_loader(cfg: dict, dataset: str, split: str, *, contract: InputContract
     for section, given in sections.items():
         for key in given:
             if key not in OPTIONS:
-                near = difflib.get_close_matches(key, OPTIONS, n=1)
-                hint = f"did you mean {section}.{near[0]}?" if near else f"the keys are LoaderConfig's: {', '.join(OPTIONS)}"
+                near = nearest_option(key)
+                hint = f"did you mean {section}.{near}?" if near else f"the keys are LoaderConfig's: {', '.join(OPTIONS)}"
                 raise ConfigError(f"{section}.{key} is not a loader setting; {hint}")
     try:
         config = LoaderConfig.of(batch_size, contract=delivered, **keywords)
