@@ -9,9 +9,12 @@ keyframes, so a clip holds about a megabyte, like a Kinetics clip sharded the sa
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 SIZES = ((340, 256), (456, 256))
 FPS, SECONDS = 30, 10
@@ -45,3 +48,42 @@ def clip_shards(folder: str | Path, videos: int) -> str:
     finally:
         ray.shutdown()
     return str(output)
+
+
+def repeated(shards: str | Path, copies: int) -> str:
+    """A shard root beside `shards` whose train index lists every clip `copies` times (keys `<key>~<copy>`),
+    pointing at the same tar members through links: epochs long enough for large batches without rendering
+    more clips. A window that ran over an epoch boundary would time the loader's epoch start, not its rate."""
+    shards = Path(shards)
+    if copies == 1:
+        return str(shards)
+    out = shards.with_name(f"{shards.name}-x{copies}")
+    if (out / "train" / "index.parquet").exists():
+        return str(out)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    index = pq.read_table(shards / "train" / "index.parquet")
+    for shard in set(index.column("shard").to_pylist()):
+        link = out / shard
+        if not link.exists():
+            link.symlink_to((shards / shard).resolve())
+    keys = [f"{key}~{copy}" for copy in range(copies) for key in index.column("key").to_pylist()]
+    table = pa.concat_tables([index] * copies)
+    table = table.set_column(table.schema.get_field_index("key"), "key", pa.array(keys))
+    pq.write_table(table, out / "train" / "index.parquet")
+    shutil.copy(shards / "classes.txt", out / "classes.txt")
+    return str(out)
+
+
+def main(argv=None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m benchmarks.clip_shards", description="Print the root of the "
+                                "benchmarks' 300-frame clip shards, made if missing (the last line of the output).")
+    p.add_argument("folder")
+    p.add_argument("--videos", type=int, default=48)
+    p.add_argument("--copies", type=int, default=1, help="times the train index lists each clip (see repeated)")
+    a = p.parse_args(argv)
+    print(repeated(clip_shards(a.folder, a.videos), a.copies))
+
+
+if __name__ == "__main__":
+    main()

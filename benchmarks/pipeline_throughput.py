@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.clip_shards import clip_shards
+from benchmarks.clip_shards import clip_shards, repeated
 from benchmarks.host_ceiling import process_tree_cpu_seconds
 from benchmarks.report import write_section
 from contract.inputs import IMAGENET_MEAN, IMAGENET_STD
@@ -333,7 +333,8 @@ def section(a, rows: list[dict], every_core: list[str], one: list[str], swept: l
         f"- device: {device_name(a.device)}",
         f"- data: {len(rows)} VP9 videos, {size}, {np.mean([r['num_frames'] for r in rows]):.0f} frames at "
         f"{rows[0]['fps']:g} fps, GOP {rows[0]['gop']}, {np.mean([r['size'] for r in rows]) / 1e6:.2f} MB each "
-        f"(benchmarks/clip_shards.py, sharded by the shard job)",
+        f"(benchmarks/clip_shards.py, sharded by the shard job), the index listing each {a.copies} times so that "
+        f"an epoch holds {a.copies * len(rows) // a.batch_size} batches",
         f"- training views: crop {CROP} from a short side jittered in {list(SHORT_SIDE)}, random flip, ImageNet "
         f"normalisation; batch {a.batch_size}; every contender decodes VideoLoader's own views",
         f"- VideoLoader: device={a.device}, DALI `fn.decoders.video` "
@@ -398,10 +399,16 @@ def main(argv=None) -> None:
     p.add_argument("--num-pipelines", type=int, default=None, help="DALI pipelines (NVDEC engines used); default: VideoLoader's")
     p.add_argument("--sweep-pipelines", type=int, nargs="*", default=[], metavar="N",
                    help="also measure VideoLoader alone on TSN-8 with each of these numbers of pipelines")
+    p.add_argument("--copies", type=int, default=None,
+                   help="times the index lists each clip; default: enough for epochs of 4 windows, since a window over "
+                        "an epoch boundary times the loaders' epoch start, not their rate")
     p.add_argument("--doc", default=str(DOC))
     a = p.parse_args(argv)
-    shards = a.shards or clip_shards(a.data, a.videos)
-    rows = pq.read_table(Path(shards) / "train" / "index.parquet").to_pylist()
+    source = a.shards or clip_shards(a.data, a.videos)
+    clips = pq.read_metadata(Path(source) / "train" / "index.parquet").num_rows
+    a.copies = a.copies or -(-4 * (a.warmup + a.batches) * a.batch_size // clips)
+    shards = repeated(source, a.copies)
+    rows = pq.read_table(Path(source) / "train" / "index.parquet").to_pylist()
     first = rows[0]
     with open(Path(shards) / first["shard"], "rb") as f:
         f.seek(first["offset"])

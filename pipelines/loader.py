@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from pipelines import video_pipeline as vp
+from pipelines.codecs import CPU_CODECS, check_cpu_codecs, check_nvdec_sizes
 from pipelines.config import LoaderConfig
 from pipelines.decode import Decoder
 from pipelines.batches import HostBatch, host_batches
@@ -48,7 +49,6 @@ from pipelines.source import SampleError, ShardIndex, ShardReader, gop_reads_win
 from pipelines.state import LoaderError, LoaderState
 
 __all__ = ["CPU_CODECS", "LoaderConfig", "LoaderError", "VideoLoader"]
-CPU_CODECS = ("vp8", "vp9", "mjpeg")   # what DALI 2.4's CPU video decoder reads
 
 
 class VideoLoader:
@@ -76,8 +76,10 @@ class VideoLoader:
         self.config = c = config
         self.index = ShardIndex(shards, c.split, c.storage_options)
         where = shards if c.split is None else f"{shards} split {c.split!r}"
-        if c.device == "cpu" and self.index.media == "video":
-            _check_cpu_codecs(self.index, where)
+        if self.index.media == "video" and c.device == "cpu":
+            check_cpu_codecs(self.index["codec"], where)
+        elif self.index.media == "video":
+            check_nvdec_sizes(self.index["codec"], self.index["width"], self.index["height"], where)
         self.pipeline_config = vp.PipelineConfig(
             num_frames=c.contract.num_frames, crop_size=c.contract.crop_size, layout=c.contract.layout,
             grid=c.contract.grid, media=self.index.media, mean=c.contract.mean, std=c.contract.std,
@@ -232,16 +234,6 @@ class VideoLoader:
         if isinstance(data, SampleError):
             raise data
         return data
-
-
-def _check_cpu_codecs(index: ShardIndex, where: str) -> None:
-    """DALI's CPU decoder fails on other codecs only when the first batch runs, with a message naming none."""
-    codecs = index["codec"]
-    unreadable = sorted(set(codecs.tolist()) - set(CPU_CODECS))
-    if unreadable:
-        raise ValueError(f"{where} holds {int(np.isin(codecs, unreadable).sum())} of {len(codecs)} videos in "
-                         f"{', '.join(unreadable)}, which DALI's CPU decoder cannot read (it reads VP8, VP9 and "
-                         f"MJPEG): reshard them with --codec vp9, or load them with device='gpu'")
 
 
 def _count_short_videos(index: ShardIndex, config: LoaderConfig, where: str) -> int:

@@ -163,6 +163,17 @@ def test_the_gpu_checks_script_parses_and_names_what_exists():
         assert module_exists(module), f"python -m {module}: no such module"
 
 
+def test_the_gpu_checks_pass_only_options_their_benchmarks_take():
+    """A renamed option would end a step on the lent machine, after its start and transfers were paid for."""
+    text = (INFRA / "gpu_checks.sh").read_text()
+    for name, module in (("PIPELINE_ARGS", "benchmarks.pipeline_throughput"), ("TRAIN_ARGS", "benchmarks.train_throughput")):
+        usage = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
+                               check=True).stdout
+        flags = {flag for args in re.findall(rf"{name}=\((.*)\)", text) for flag in re.findall(r"--[a-z][a-z-]*", args)}
+        assert flags, f"no {name} in {INFRA / 'gpu_checks.sh'}"
+        for flag in flags:
+            assert re.search(rf"{flag}(?![\w-])", usage), f"{module} takes no {flag} (gpu_checks.sh passes it)"
+
 def test_the_gpu_checks_stage_the_ray_and_timm_the_project_pins():
     wheels = subprocess.run(["bash", str(INFRA / "gpu_checks.sh"), "--wheels"], capture_output=True, text=True,
                             check=True).stdout.split()

@@ -31,12 +31,12 @@ SMALL = {"crop_size": 64, "short_side": (72, 96), "num_frames": 4, "readers": 2}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    """24 train + 8 val motion clips (160x120, 2 s at 15 fps) sharded to VP9 in several shards per split,
+    """24 train + 8 val motion clips (176x128: NVDEC decodes VP9 from 128x128; 2 s at 15 fps) sharded to VP9 in several shards per split,
     the val clips again to H.264 by another run, and 6 JPEG images sharded by the images adapter, all by
     the real shard job."""
     root = tmp_path_factory.mktemp("loader")
     source = make_sample_dataset(root / "source", num_classes=4, train_per_class=6, val_per_class=2,
-                                 size=(160, 120), fps=15, seconds=2, broken=False)
+                                 size=(176, 128), fps=15, seconds=2, broken=False)
     images = root / "images"
     for i in range(6):
         folder = images / "train" / f"class{i % 2}"
@@ -44,9 +44,9 @@ def shards(tmp_path_factory) -> str:
         pixels = torch.from_numpy(np.random.default_rng(i).integers(0, 256, (3, 90, 120), dtype=np.uint8))
         torchvision.io.write_jpeg(pixels, str(folder / f"img{i}.jpg"), quality=90)
     with loopback_ray():
-        run_shard_job(source, root / "shards", transcode=transcode_options(short_side=120, codec="vp9", gop=8),
+        run_shard_job(source, root / "shards", transcode=transcode_options(short_side=128, codec="vp9", gop=8),
                       shard_size=150_000)
-        run_shard_job(source, root / "h264_shards", transcode=transcode_options(short_side=120, codec="h264", gop=8),
+        run_shard_job(source, root / "h264_shards", transcode=transcode_options(short_side=128, codec="h264", gop=8),
                       shard_size=150_000, splits=("val",))
         run_shard_job({"annotations": str(images), "videos": str(images)}, root / "image_shards", dataset="images")
     return str(root)
@@ -102,42 +102,42 @@ def test_eval_views_cover_every_clip_and_crop_of_every_video_once(shards, device
 
 
 def test_eval_frames_equal_pyav_decode_at_segment_centres(shards, device):
-    # Three crops of a 160x120 clip with the short side kept: crop 0 is the untouched left 120x120 square.
-    loader = load(shards, "val", device=device, mode="eval", num_crops=3, crop_size=120, num_frames=8, **RAW)
+    # Three crops of a 176x128 clip with the short side kept: crop 0 is the untouched left 128x128 square.
+    loader = load(shards, "val", device=device, mode="eval", num_crops=3, crop_size=128, num_frames=8, **RAW)
     batch = next(iter(loader))
     rows = index(shards, "val")
     for video, row, crop in zip(batch["video"], batch["video_index"].tolist(), batch["crop"].tolist()):
         if crop != 0:
             continue
-        want = pyav_frames(stored(shards, rows[row]), uniform_indices(rows[row]["num_frames"], 8))[:, :, :120]
+        want = pyav_frames(stored(shards, rows[row]), uniform_indices(rows[row]["num_frames"], 8))[:, :, :128]
         assert psnr(video.permute(0, 2, 3, 1).cpu().numpy(), want) >= 40
 
 
 def test_protocol_ibm_delivers_its_test_clips_and_its_crops_first_last_centre(shards, device):
-    # 30 frames of 160x120, short side kept (its disable_scaleup): clip c of 3 reads int(1.875 + shift + 3.75 i)
-    # with shifts -1, 0, +1; the 120 px crops sit at x = 0, 40, 20 (steps of (160 - 120) // 4 = 10)
+    # 30 frames of 176x128, short side kept (its disable_scaleup): clip c of 3 reads int(1.875 + shift + 3.75 i)
+    # with shifts -1, 0, +1; the 128 px crops sit at x = 0, 48, 24 (steps of (176 - 128) // 4 = 12)
     loader = load(shards, "val", device=device, mode="eval", protocol="ibm", num_clips=3, num_crops=3,
-                  crop_size=120, num_frames=8, batch_size=9, **RAW)
+                  crop_size=128, num_frames=8, batch_size=9, **RAW)
     batch = next(iter(loader))
     row = index(shards, "val")[0]
     frames = {0: [0, 4, 8, 12, 15, 19, 23, 27], 1: [1, 5, 9, 13, 16, 20, 24, 28], 2: [2, 6, 10, 14, 17, 21, 25, 29]}
-    x0 = {0: 0, 1: 40, 2: 20}
+    x0 = {0: 0, 1: 48, 2: 24}
     assert row["num_frames"] == 30 and batch["video_index"].tolist() == [0] * 9
     for video, clip, crop in zip(batch["video"], batch["clip"].tolist(), batch["crop"].tolist()):
-        want = pyav_frames(stored(shards, row), frames[clip])[:, :, x0[crop]:x0[crop] + 120]
+        want = pyav_frames(stored(shards, row), frames[clip])[:, :, x0[crop]:x0[crop] + 128]
         assert psnr(video.permute(0, 2, 3, 1).cpu().numpy(), want) >= 40
 
 
 def test_protocol_ivvit_reads_a_video_shorter_than_its_clip_whole_and_crops_the_centre(shards, device):
     # 2 s at 15 fps is shorter than its 80/30 s clip: all 30 frames, 8 of them at int(linspace(0, 29, 8));
-    # short side kept at 120: the middle 120 px of 160
-    loader = load(shards, "val", device=device, mode="eval", protocol="ivvit", crop_size=120, test_short_side=120,
+    # short side kept at 128: the middle 128 px of 176
+    loader = load(shards, "val", device=device, mode="eval", protocol="ivvit", crop_size=128, test_short_side=128,
                   num_frames=8, **RAW)
     batch = next(iter(loader))
     rows = index(shards, "val")
     for video, row in zip(batch["video"], batch["video_index"].tolist()):
         assert rows[row]["num_frames"] == 30
-        want = pyav_frames(stored(shards, rows[row]), [0, 4, 8, 12, 16, 20, 24, 29])[:, :, 20:140]
+        want = pyav_frames(stored(shards, rows[row]), [0, 4, 8, 12, 16, 20, 24, 29])[:, :, 24:152]
         assert psnr(video.permute(0, 2, 3, 1).cpu().numpy(), want) >= 40
 
 

@@ -44,12 +44,12 @@ def run_shard_job(source: dict, output, **options) -> None:
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> list[dict]:
-    """Three 2 s motion clips (160x120, 15 fps), sharded to VP9 by the real job; rows carry their bytes."""
+    """Three 2 s motion clips (176x128, 15 fps: NVDEC decodes VP9 from 128x128), sharded to VP9 by the real job; rows carry their bytes."""
     root = tmp_path_factory.mktemp("video_pipeline")
     source = make_sample_dataset(root / "source", num_classes=3, train_per_class=1, val_per_class=0,
-                                 size=(160, 120), fps=15, seconds=2, broken=False)
+                                 size=(176, 128), fps=15, seconds=2, broken=False)
     with loopback_ray():
-        run_shard_job(source, root / "shards", transcode=transcode_options(short_side=120, codec="vp9", gop=8),
+        run_shard_job(source, root / "shards", transcode=transcode_options(short_side=128, codec="vp9", gop=8),
                       splits=("train",))
     rows = pq.read_table(root / "shards" / "train" / "index.parquet").to_pylist()
     for row in rows:
