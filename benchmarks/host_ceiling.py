@@ -223,7 +223,7 @@ def section(a, load: tuple, shards_info: str, lines: list[str], stages: list[str
         "the loader's process\" is what stays in the training process, where the interpreter lock serialises it.",
         "",
         "| workload | read mode | loader | readers | cores | CPU ms/clip | of which in the loader's process | clips/s "
-        "| MB read/clip | target |",
+        "| MB read/clip | target, in the loader's process |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *lines,
         "",
@@ -286,7 +286,8 @@ def main(argv=None) -> None:
                     if "baseline" in a.loaders and mode == "whole":
                         configs.append(("baseline", old, "8 threads", cores, {}, False))
                     if "threads" in a.loaders:
-                        configs.append(("ours", REPO, "8 threads", cores, mode_options, False))
+                        configs.append(("ours", REPO, "8 threads", cores, {**mode_options, "reader_processes": False},
+                                        False))
                     if "processes" in a.loaders:
                         configs.append(("ours", REPO, f"{cores} processes", cores,
                                         {**mode_options, "readers": cores, "reader_processes": True}, False))

@@ -58,7 +58,8 @@ class LoaderConfig:
     device_id: int = 0
     storage_options: dict | None = field(default=None, hash=False)   # fsspec options (an S3 endpoint, keys)
     readers: int = 8                             # workers that read, verify and cut (`fetch.py`)
-    reader_processes: bool = False               # the readers are processes (else threads of this one)
+    reader_processes: bool | None = None         # the readers are processes, else threads of this one; None:
+                                                 # processes on hosts of 8 or more cores (`fetch.processes_win`)
     num_threads: int | None = None               # DALI threads per pipeline; None: the cores shared out
     num_pipelines: int | None = None             # DALI pipelines; None: 4 on the GPU, one per core (<= 4) on the CPU
     prefetch: int = 2                            # batches queued per pipeline

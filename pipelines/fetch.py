@@ -6,12 +6,14 @@ sha256, naming what is wrong in a failure. Each row is then cut, view by view, t
 in (`gops.py`; the row's WebM parsed once). Rows are handed on in the order their views come out, so the
 stream does not depend on which read finishes first.
 
-Where the cut runs: with threads (the default) in the thread that consumes the stream, since the WebM parse
-and the cut hold the interpreter lock while reading and sha256 release it; with `reader_processes=True` in
-`readers` worker processes, which take chunks of consecutive rows of a shard, read, check and cut them, and
-send the cut bytes back through a pipe: the parse then runs on every core, at the cost of that copy
-(docs/pipelines.md, "Host cost", measures both). This module imports neither DALI nor torch: a worker
-process starts with numpy, fsspec and pyarrow only.
+Where the cut runs: with reader threads (the default below 8 cores) in the thread that consumes the stream,
+since the WebM parse and the cut hold the interpreter lock while reading and checksums release it; with
+reader processes (the default from 8 cores, `processes_win`) in `readers` worker processes, which take
+chunks of consecutive rows of a shard, read, check and cut them, and hand the cut bytes over in shared
+memory (`_shipped`: one file in /dev/shm per chunk, mapped here and unlinked at once, so it lives as long as
+the arrays viewing it). Through the pool's pipe instead, receiving the bytes cost this process about 0.35 ms
+per TSN-8 clip, more than the rest of its host work (docs/pipelines.md, "Host cost"). This module imports
+neither DALI nor torch: a worker process starts with numpy, fsspec and pyarrow only.
 
 With `gop_reads`, a row is read as the GOPs its views' frames sit in (`ShardReader.read_gops`: a few byte
 ranges, each GOP checked against its crc32) and cut from those ranges without a WebM parse; a row whose
@@ -19,8 +21,13 @@ index has no packet table comes back whole and is cut as above.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import itertools
+import mmap
 import multiprocessing
+import os
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -31,14 +38,16 @@ import numpy as np
 from pipelines.gops import MemberParts, cut, webm_packets
 from pipelines.source import SampleError, ShardIndex, ShardReader
 
-CHUNK_ROWS = 8     # rows per reader-process task: up to 8 consecutive videos of a shard, one read
+CHUNK_ROWS = 32    # rows per reader-process task, consecutive in one shard (one read): each task costs this
+                   # process about 1 ms to hand out and take back, so 8 rows made 0.13 ms per clip of it
+SHARED = "/dev/shm"   # where reader processes leave a chunk's bytes for the loader (Linux's shared memory)
 
 
 @dataclass(frozen=True)
 class Fetched:
     """One row, ready for batching: per view of it, the bytes to decode and its frames as indices into them."""
     row: int
-    encoded: tuple[bytes, ...] = ()               # per view; empty when the row failed
+    encoded: tuple[bytes | np.ndarray, ...] = ()  # per view (uint8 arrays from reader processes); empty if failed
     frames: tuple[np.ndarray | None, ...] = ()    # per view; None for images
     cut: tuple[bool, ...] = ()                    # per view: `encoded` is a GOP cut
     failure: tuple[str, str] | None = None        # (stage, reason) of the SampleError (which does not pickle)
@@ -99,6 +108,7 @@ class Fetcher:
         self.reader, self.storage, self.readers, self.processes = reader, storage, readers, processes
         self.gop_reads = gop_reads
         self._pool: ProcessPoolExecutor | None = None
+        self._prefix = f"vidscale-{os.getpid()}-{id(self):x}-"    # this fetcher's chunks in SHARED
 
     def __call__(self, plan, start_batch: int, cut_gops) -> Iterator[tuple[int, Fetched]]:
         """(row, Fetched) of every row of batches `start_batch`.., in the order their views come out;
@@ -116,11 +126,13 @@ class Fetcher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        _remove_chunks(self._prefix)
 
     def _in_processes(self, plan, reads: np.ndarray, cut_gops) -> Iterator[Fetched]:
         if self._pool is None:   # spawn: the loader's process runs DALI and CUDA threads, which fork does not copy
             self._pool = ProcessPoolExecutor(self.readers, multiprocessing.get_context("spawn"),
                                              initializer=_start_worker, initargs=(*self.storage, self.reader.verify))
+            weakref.finalize(self, _remove_chunks, self._prefix)     # where close() is never called
         ahead: deque = deque()
         frames = plan.row_frames(reads)
         try:
@@ -128,14 +140,27 @@ class Fetcher:
                 chunk = [next(frames) for _ in rows]
                 cutting = cut_gops()
                 ahead.append(self._pool.submit(_in_worker, rows, chunk, cutting, self.gop_reads and cutting,
-                                               plan.media))
+                                               plan.media, self._prefix))
                 if len(ahead) >= 2 * self.readers:
-                    yield from ahead.popleft().result()
+                    yield from _received(ahead.popleft().result())
             while ahead:
-                yield from ahead.popleft().result()
+                yield from _received(ahead.popleft().result())
         finally:
             for future in ahead:
                 future.cancel()
+
+
+def _remove_chunks(prefix: str) -> None:
+    """Unlink the shared files of chunks read ahead and never taken."""
+    for left in glob.glob(os.path.join(SHARED, glob.escape(prefix) + "*")):
+        os.unlink(left)
+
+
+def processes_win() -> bool:
+    """Reader processes cost a process start and more CPU per clip in all, but keep the training process's
+    share at about 0.2 ms per clip instead of 1.2 (docs/host_ceiling.md): worth it where cores are many,
+    as beside a GPU, not on a laptop or a 2-core CI machine."""
+    return len(os.sched_getaffinity(0)) >= 8
 
 
 def _shard_runs(rows: np.ndarray, shards: np.ndarray) -> Iterator[np.ndarray]:
@@ -168,6 +193,66 @@ def _start_worker(url: str, split: str | None, storage_options: dict | None, ver
     _WORKER_READER = ShardReader(ShardIndex(url, split, storage_options), readers=1, verify=verify)
 
 
-def _in_worker(rows: np.ndarray, frames: list, cut_gops: bool, gop_reads: bool, media: str) -> list[Fetched]:
-    return list(prepared(*fetched(_WORKER_READER, rows, iter(frames), gop_reads), lambda: cut_gops, media,
+@dataclass(frozen=True)
+class Shipped:
+    """A worker's chunk: its rows without their bytes, and where each view's bytes sit in the shared file
+    `name` (None: the bytes travel in `rows`, where shared memory was short)."""
+    rows: list[Fetched]
+    name: str | None = None
+    size: int = 0
+    spans: tuple[tuple[tuple[int, int], ...], ...] = ()   # per row, per view: (offset, length)
+
+
+def _in_worker(rows: np.ndarray, frames: list, cut_gops: bool, gop_reads: bool, media: str, prefix: str) -> Shipped:
+    done = list(prepared(*fetched(_WORKER_READER, rows, iter(frames), gop_reads), lambda: cut_gops, media,
                          lambda row: read_whole(_WORKER_READER, row)))
+    return _shipped(done, f"{prefix}{os.getpid()}-{next(_CHUNKS)}")
+
+
+_CHUNKS = itertools.count()
+
+
+def _shipped(rows: list[Fetched], name: str) -> Shipped:
+    """`rows` with their bytes copied into a new file of SHARED; sent whole where it has no room for them."""
+    spans, offset = [], 0
+    for row in rows:
+        where = []
+        for one in row.encoded:
+            where.append((offset, len(one)))
+            offset += len(one)
+        spans.append(tuple(where))
+    if offset == 0:
+        return Shipped(rows)
+    path = os.path.join(SHARED, name)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:                            # no shared memory here
+        return Shipped(rows)
+    try:
+        os.posix_fallocate(fd, 0, offset)      # a full tmpfs says so here, not with a SIGBUS on the first write
+        with mmap.mmap(fd, offset) as shared:
+            for row, where in zip(rows, spans):
+                for one, (start, length) in zip(row.encoded, where):
+                    shared[start:start + length] = one
+    except OSError:
+        os.unlink(path)
+        return Shipped(rows)
+    finally:
+        os.close(fd)
+    return Shipped([dataclasses.replace(row, encoded=()) for row in rows], name, offset, tuple(spans))
+
+
+def _received(chunk: Shipped) -> list[Fetched]:
+    """The worker's rows with their bytes as views of its shared file, which is unlinked here: the mapping,
+    and the memory, live as long as the arrays viewing it."""
+    if chunk.name is None:
+        return chunk.rows
+    path = os.path.join(SHARED, chunk.name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        shared = np.frombuffer(mmap.mmap(fd, chunk.size, prot=mmap.PROT_READ), np.uint8)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return [dataclasses.replace(row, encoded=tuple(shared[start:start + length] for start, length in where))
+            for row, where in zip(chunk.rows, chunk.spans)]

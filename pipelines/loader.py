@@ -43,7 +43,7 @@ from pipelines.codecs import CPU_CODECS, check_cpu_codecs, check_nvdec_sizes
 from pipelines.config import LoaderConfig
 from pipelines.decode import Decoder
 from pipelines.batches import HostBatch, host_batches
-from pipelines.fetch import Fetcher, read_whole
+from pipelines.fetch import Fetcher, processes_win, read_whole
 from pipelines.plan import EpochPlan, Views, num_batches
 from pipelines.source import SampleError, ShardIndex, ShardReader, gop_reads_win, packet_table_note, rank_part
 from pipelines.state import LoaderError, LoaderState
@@ -95,7 +95,8 @@ class VideoLoader:
         self.gop_reads = cutting and (gop_reads_win(self.index) if c.gop_reads is None else c.gop_reads)
         if cutting and (note := packet_table_note(self.index)):
             warnings.warn(note)
-        self.fetcher = Fetcher(self.reader, (shards, c.split, c.storage_options), c.readers, c.reader_processes,
+        self.reader_processes = processes_win() if c.reader_processes is None else c.reader_processes
+        self.fetcher = Fetcher(self.reader, (shards, c.split, c.storage_options), c.readers, self.reader_processes,
                                self.gop_reads)
         # GPU: a pipeline's decoder feeds one NVDEC engine and an H100 has 7, so run several. CPU: a pipeline
         # per core up to 4, the cores shared out as DALI threads (on 2 cores, 1 x 2, 2 x 1 and 4 x 1 deliver

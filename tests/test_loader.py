@@ -2,6 +2,8 @@
 CPU backend and, where a CUDA GPU is visible, on the GPU one (the `device` fixture of conftest.py)."""
 from __future__ import annotations
 
+import glob
+import os
 import re
 import shutil
 import warnings
@@ -16,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from test_video_pipeline import loopback_ray, psnr, pyav_frames, run_shard_job
 
 from benchmarks import host_ceiling
-from pipelines import gops
+from pipelines import fetch, gops
 from pipelines import preview
 from pipelines.augment import Augment, ClipParams
 from pipelines.loader import LoaderError, VideoLoader
@@ -366,7 +368,7 @@ def test_reader_processes_deliver_what_threads_deliver_and_record_the_same_failu
     plan = load(shards).plan(1)
     key = index(shards, "train")[int(plan.batch(3).rows[0])]["key"]
     damaged = damage(shards, tmp_path, key)
-    threads = VideoLoader(damaged, split="train", batch_size=4, **SMALL)
+    threads = VideoLoader(damaged, split="train", batch_size=4, reader_processes=False, **SMALL)
     processes = VideoLoader(damaged, split="train", batch_size=4, reader_processes=True, **SMALL)
     got = []
     for loader in (threads, processes):
@@ -378,6 +380,28 @@ def test_reader_processes_deliver_what_threads_deliver_and_record_the_same_failu
     for a, b in zip(*got):
         assert a["valid"].tolist() == b["valid"].tolist()
         torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
+
+
+def test_reader_processes_leave_no_shared_memory_behind_when_an_epoch_is_left_early(shards, monkeypatch):
+    monkeypatch.setattr(fetch, "CHUNK_ROWS", 1)       # a chunk per row: those read ahead are never taken
+    loader = load(shards, reader_processes=True, readers=2)
+    first = next(iter(loader.host_batches(0)))
+    assert first.views.valid.all()
+    loader.close()
+    assert glob.glob(f"{fetch.SHARED}/vidscale-{os.getpid()}-*") == []
+
+
+def test_a_reader_process_without_shared_memory_sends_the_bytes_with_the_rows(monkeypatch, tmp_path):
+    rows = [fetch.Fetched(3, (b"abc", b"de"), (None, None), (False, False)), fetch.Fetched(4, failure=("fetch", "x"))]
+    monkeypatch.setattr(fetch, "SHARED", str(tmp_path / "missing"))
+    sent = fetch._shipped(rows, "chunk")
+    assert sent.name is None and fetch._received(sent) == rows
+    monkeypatch.setattr(fetch, "SHARED", str(tmp_path))
+    sent = fetch._shipped(rows, "chunk")
+    assert sent.name == "chunk" and all(row.encoded == () for row in sent.rows)
+    got = fetch._received(sent)
+    assert [bytes(one) for one in got[0].encoded] == [b"abc", b"de"] and got[1] == rows[1]
+    assert list(tmp_path.iterdir()) == []                  # unlinked once mapped
 
 
 # ---------------------------------------------------------------- what a bad shard's failure says
