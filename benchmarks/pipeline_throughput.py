@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import math
 import os
 import platform
 import subprocess
@@ -406,7 +407,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     source = a.shards or clip_shards(a.data, a.videos)
     clips = pq.read_metadata(Path(source) / "train" / "index.parquet").num_rows
-    a.copies = a.copies or -(-4 * (a.warmup + a.batches) * a.batch_size // clips)
+    a.copies = a.copies or math.ceil(4 * (a.warmup + a.batches) * a.batch_size / clips)
     shards = repeated(source, a.copies)
     rows = pq.read_table(Path(source) / "train" / "index.parquet").to_pylist()
     first = rows[0]

@@ -30,8 +30,10 @@ def check_nvdec_sizes(codecs: np.ndarray, widths: np.ndarray, heights: np.ndarra
     if small.any():
         first = int(np.flatnonzero(small)[0])
         codec = str(codecs[first])
-        need = max(NVDEC_MIN_SIZE[codec])
+        min_width, min_height = NVDEC_MIN_SIZE[codec]
+        h264 = "" if codec == "h264" else ", or with --codec h264 (NVDEC reads it from 48x16)"
         raise ValueError(f"{where} holds {int(small.sum())} of {len(codecs)} videos smaller than NVDEC decodes "
                          f"(the first: {codec} at {widths[first]}x{heights[first]}, below {codec}'s "
-                         f"{NVDEC_MIN_SIZE[codec][0]}x{NVDEC_MIN_SIZE[codec][1]}): reshard them with --short-side "
-                         f"{need + need % 2} or more, or load them with device='cpu'")
+                         f"{min_width}x{min_height}): reshard them with --short-side {max(min_width, min_height)} or "
+                         f"more where the sources are that large (the shard job never upscales){h264}, or load them "
+                         f"with device='cpu'")

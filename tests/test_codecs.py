@@ -11,7 +11,9 @@ def test_vp9_below_nvdecs_128_pixels_is_refused_naming_the_short_side_to_reshard
     codecs, widths, heights = np.array(["vp9", "vp9", "vp9"]), np.array([176, 160, 128]), np.array([128, 120, 96])
     with pytest.raises(ValueError, match=r"^k400 split 'train' holds 2 of 3 videos smaller than NVDEC decodes \(the "
                                          r"first: vp9 at 160x120, below vp9's 128x128\): reshard them with "
-                                         r"--short-side 128 or more, or load them with device='cpu'$"):
+                                         r"--short-side 128 or more where the sources are that large \(the shard "
+                                         r"job never upscales\), or with --codec h264 \(NVDEC reads it from 48x16\), "
+                                         r"or load them with device='cpu'$"):
         check_nvdec_sizes(codecs, widths, heights, "k400 split 'train'")
 
 
