@@ -406,10 +406,9 @@ def main(argv=None) -> None:
     p.add_argument("--doc", default=str(DOC))
     a = p.parse_args(argv)
     source = a.shards or clip_shards(a.data, a.videos)
-    clips = pq.read_metadata(Path(source) / "train" / "index.parquet").num_rows
-    a.copies = a.copies or math.ceil(4 * (a.warmup + a.batches) * a.batch_size / clips)
-    shards = repeated(source, a.copies)
     rows = pq.read_table(Path(source) / "train" / "index.parquet").to_pylist()
+    a.copies = a.copies or math.ceil(4 * (a.warmup + a.batches) * a.batch_size / len(rows))
+    shards = repeated(source, a.copies)
     first = rows[0]
     with open(Path(shards) / first["shard"], "rb") as f:
         f.seek(first["offset"])

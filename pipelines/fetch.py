@@ -203,13 +203,13 @@ class Shipped:
     spans: tuple[tuple[tuple[int, int], ...], ...] = ()   # per row, per view: (offset, length)
 
 
+_CHUNKS = itertools.count()    # a worker process's chunks, for their files' names
+
+
 def _in_worker(rows: np.ndarray, frames: list, cut_gops: bool, gop_reads: bool, media: str, prefix: str) -> Shipped:
     done = list(prepared(*fetched(_WORKER_READER, rows, iter(frames), gop_reads), lambda: cut_gops, media,
                          lambda row: read_whole(_WORKER_READER, row)))
     return _shipped(done, f"{prefix}{os.getpid()}-{next(_CHUNKS)}")
-
-
-_CHUNKS = itertools.count()
 
 
 def _shipped(rows: list[Fetched], name: str) -> Shipped:

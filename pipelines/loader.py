@@ -78,7 +78,7 @@ class VideoLoader:
         where = shards if c.split is None else f"{shards} split {c.split!r}"
         if self.index.media == "video" and c.device == "cpu":
             check_cpu_codecs(self.index["codec"], where)
-        elif self.index.media == "video":
+        if self.index.media == "video" and c.device == "gpu":
             check_nvdec_sizes(self.index["codec"], self.index["width"], self.index["height"], where)
         self.pipeline_config = vp.PipelineConfig(
             num_frames=c.contract.num_frames, crop_size=c.contract.crop_size, layout=c.contract.layout,
